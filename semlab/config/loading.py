@@ -1,0 +1,162 @@
+"""Load, validate, override and save semlab configurations."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from semlab.utils.atomic import atomic_write_text
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULTS_NAME = "ssl_default"
+
+
+class ConfigError(ValueError):
+    """A configuration file, recipe name or override is wrong; the message says how to fix it."""
+
+
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a recipe given as a file path or as a packaged name.
+
+    ``"configs/x.yaml"`` (an existing file) is taken as is; ``"train/demo_tiny"``,
+    ``"train/demo_tiny.yaml"`` and ``"demo_tiny"`` are looked up inside ``semlab/config``
+    (in ``train/`` then ``eval/`` for a bare name).
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = str(name_or_path).removesuffix(".yaml")
+    candidates = [CONFIG_DIR / f"{stem}.yaml"]
+    if "/" not in stem:
+        candidates += [CONFIG_DIR / "train" / f"{stem}.yaml", CONFIG_DIR / "eval" / f"{stem}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted(
+        str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.glob("*/*.yaml")
+    )
+    raise ConfigError(
+        f"config file '{name_or_path}' not found: it is neither an existing file nor a packaged recipe. "
+        f"Packaged recipes: {', '.join(known)}"
+    )
+
+
+def _flat_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf and section of a config (lists are leaves)."""
+    keys: list[str] = []
+    if isinstance(cfg, Mapping | DictConfig):
+        for key in cfg:
+            path = f"{prefix}{key}"
+            keys.append(path)
+            value = cfg[key] if not isinstance(cfg, DictConfig) else cfg._get_node(key)
+            if isinstance(value, DictConfig | Mapping):
+                keys.extend(_flat_keys(value, f"{path}."))
+    return keys
+
+
+def _open_sections(defaults: DictConfig) -> set[str]:
+    """Sections whose contents are free-form (empty dicts in the defaults, e.g. ``mlflow.tags``)."""
+    open_ = set()
+    for key in _flat_keys(defaults):
+        node = OmegaConf.select(defaults, key)
+        if isinstance(node, DictConfig) and len(node) == 0:
+            open_.add(key)
+    return open_
+
+
+def _check_known_keys(candidate: DictConfig | dict, defaults: DictConfig, source: str) -> None:
+    valid = set(_flat_keys(defaults))
+    open_sections = _open_sections(defaults)
+    for key in _flat_keys(candidate):
+        if key in valid or any(key.startswith(f"{s}.") for s in open_sections):
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
+        leaf = key.rsplit(".", 1)[-1]
+        close += [k for k in sorted(valid) if k.rsplit(".", 1)[-1] == leaf and k not in close][:3]
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def _parse_dotlist(overrides: Iterable[str]) -> DictConfig:
+    items = list(overrides)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"bad override '{item}': overrides are written key=value, e.g. student.L=512"
+            )
+    try:
+        return OmegaConf.from_dotlist(items)
+    except Exception as exc:  # omegaconf raises several grammar errors
+        raise ConfigError(f"cannot parse overrides {items}: {exc}") from exc
+
+
+def load_config(
+    config_file: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    defaults: str = DEFAULTS_NAME,
+) -> DictConfig:
+    """Build a run's configuration: defaults <- recipe <- ``key=value`` overrides.
+
+    Returns a struct-mode ``DictConfig`` (reading or setting an unknown key raises).
+    Raises ``ConfigError`` for a missing recipe, an unknown key, or a malformed override.
+    """
+    base = OmegaConf.load(CONFIG_DIR / f"{defaults}.yaml")
+    layers: list[DictConfig] = [base]
+    if config_file:
+        path = recipe_path(config_file)
+        try:
+            recipe = OmegaConf.load(path)
+        except Exception as exc:
+            raise ConfigError(f"cannot read config file '{path}': {exc}") from exc
+        if not isinstance(recipe, DictConfig):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(recipe).__name__}")
+        _check_known_keys(recipe, base, f"config file '{path}'")
+        layers.append(recipe)
+    dotlist = _parse_dotlist(overrides)
+    _check_known_keys(dotlist, base, "command-line overrides")
+    layers.append(dotlist)
+    cfg = OmegaConf.merge(*layers)
+    assert isinstance(cfg, DictConfig)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def apply_scaling_rules(cfg: DictConfig, world_size: int) -> float:
+    """Set ``optim.lr`` from ``optim.base_lr`` for the global batch size and return it.
+
+    ``sqrt_wrt_1024``: lr = base_lr * sqrt(batch_size_per_gpu * world_size / 1024)
+    (base_lr is defined for a batch of 1024 images, as in DINOv2).
+    """
+    rule = cfg.optim.scaling_rule
+    if rule != "sqrt_wrt_1024":
+        raise ConfigError(f"unknown optim.scaling_rule '{rule}'; semlab supports 'sqrt_wrt_1024'")
+    global_batch = cfg.train.batch_size_per_gpu * world_size
+    cfg.optim.lr = float(cfg.optim.base_lr) * math.sqrt(global_batch / 1024.0)
+    return cfg.optim.lr
+
+
+def config_to_flat_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Flatten a resolved config into ``{"student.L": 512, ...}`` (lists become strings)."""
+    flat: dict[str, Any] = {}
+    container = OmegaConf.to_container(cfg, resolve=True)
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node) if isinstance(node, list | ListConfig) else node
+
+    walk(container, "")
+    return flat
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically (temp file + rename)."""
+    return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
