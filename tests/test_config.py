@@ -4,6 +4,7 @@ import math
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from semlab.config import ConfigError, apply_scaling_rules, config_to_flat_dict, load_config, save_config
 
@@ -75,7 +76,7 @@ def test_malformed_override():
 
 def test_struct_mode_blocks_typos_after_loading():
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigAttributeError):
         cfg.student.not_a_key = 3
 
 

@@ -115,7 +115,8 @@ def load_config(
         except Exception as exc:
             raise ConfigError(f"cannot read config file '{path}': {exc}") from exc
         if not isinstance(recipe, DictConfig):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(recipe).__name__}")
+            kind = type(recipe).__name__
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {kind}")
         _check_known_keys(recipe, base, f"config file '{path}'")
         layers.append(recipe)
     dotlist = _parse_dotlist(overrides)
