@@ -1,0 +1,168 @@
+"""Image datasets backed by files: the shared base class and ``ImageFolder`` (``root/<class>/<image>``).
+
+Every semlab dataset is a ``torch.utils.data.Dataset`` of ``(transform(PIL RGB image), label)`` that also
+exposes the original encoded file bytes (``get_encoded(i) -> (bytes, label)``, what the fast augmentation
+and the Parquet shard writer read), ``labels`` (np.int64, one per sample, -1 where unknown),
+``class_ids`` and ``class_names`` (one per class index).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+from PIL import Image, UnidentifiedImageError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(ValueError):
+    """A dataset string, folder or file that cannot be used; the message says which and what to do."""
+
+
+class CorruptImageError(DatasetError):
+    """An image file that cannot be decoded."""
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode encoded image bytes to a fully loaded RGB PIL image; a clear error naming ``name`` otherwise."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise CorruptImageError(
+            f"cannot decode image {name}: {exc.__class__.__name__}: {exc}. The file is corrupt, truncated or "
+            "not an image; replace or remove it (and regenerate the dataset index if it has one)."
+        ) from exc
+
+
+class FileImageDataset(torch.utils.data.Dataset):
+    """Base class: subclasses set ``root``, ``labels``, ``class_ids``, ``class_names`` and implement
+    ``relpath(i)`` (the image file of sample ``i`` relative to ``root``)."""
+
+    root: Path
+    labels: np.ndarray
+    class_ids: list[str]
+    class_names: list[str]
+
+    def __init__(
+        self,
+        transform: Callable[[Image.Image], Any] | None = None,
+        target_transform: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.transform = transform
+        self.target_transform = target_transform
+
+    def relpath(self, index: int) -> str:
+        raise NotImplementedError
+
+    def path(self, index: int) -> Path:
+        """The image file of sample ``index``."""
+        return self.root / self.relpath(index)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of {n} samples")
+        return index % n
+
+    def get_target(self, index: int) -> int:
+        return int(self.labels[self._check_index(index)])
+
+    def get_encoded(self, index: int) -> tuple[bytes, int]:
+        """The original file bytes of sample ``index`` and its label."""
+        index = self._check_index(index)
+        path = self.path(index)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(
+                f"cannot read image file {path} (sample {index} of {type(self).__name__} at {self.root}): "
+                f"{exc.strerror or exc}"
+            ) from exc
+        return data, int(self.labels[index])
+
+    def get_image(self, index: int) -> Image.Image:
+        """Sample ``index`` decoded to an RGB PIL image."""
+        data, _ = self.get_encoded(index)
+        return decode_image(data, f"{self.path(index)} (sample {index})")
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image = self.get_image(index)
+        target: Any = int(self.labels[self._check_index(index)])
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def __repr__(self) -> str:
+        name, root = type(self).__name__, str(self.root)
+        return f"{name}(root={root!r}, samples={len(self)}, classes={len(self.class_ids)})"
+
+
+def _is_image_file(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """``(classes, relative image paths, labels)`` of ``root/<class>/**/<image>``: classes are the sorted
+    sub-folder names (hidden ones skipped); images are found recursively in sorted order."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    relpaths: list[str] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        for dirpath, dirnames, filenames in sorted(os.walk(root / name, followlinks=True)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, root)
+            for fname in sorted(filenames):
+                if _is_image_file(fname):
+                    relpaths.append(os.path.join(rel, fname))
+                    labels.append(index)
+    return classes, relpaths, np.asarray(labels, dtype=np.int64)
+
+
+class ImageFolder(FileImageDataset):
+    """``root/<class>/<image>`` (any depth under the class folder); classes are the sorted sub-folders.
+
+    ``class_ids`` and ``class_names`` are both the folder names unless ``class_names`` is given.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], Any] | None = None,
+        target_transform: Callable[[int], Any] | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(transform, target_transform)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetError(f"ImageFolder root {self.root} does not exist or is not a folder")
+        classes, self._relpaths, self.labels = scan_class_folders(self.root)
+        if not classes:
+            raise DatasetError(
+                f"ImageFolder root {self.root} has no class sub-folders; expected "
+                f"{self.root}/<class>/<image>.jpg"
+            )
+        if not self._relpaths:
+            raise DatasetError(
+                f"ImageFolder root {self.root} has class folders ({', '.join(classes[:5])}...) but no images "
+                f"with an extension in {', '.join(IMG_EXTENSIONS)}"
+            )
+        self.class_ids = list(classes)
+        self.class_names = list(class_names) if class_names is not None else list(classes)
+        if len(self.class_names) != len(self.class_ids):
+            raise DatasetError(f"{len(self.class_names)} class names given for {len(self.class_ids)} classes")
+
+    def relpath(self, index: int) -> str:
+        return self._relpaths[index]
