@@ -1,0 +1,89 @@
+"""Write Parquet shards of a dataset for Ray Data streaming (and the ``Parquet:`` dataset string).
+
+    python experiments/prepare_data.py --dataset "ImageNet:root=/data/imagenet:extra=/data/imagenet-extra" \\
+        --output /data/imagenet-shards --splits TRAIN VAL --workers 8
+
+Rerunning with the same arguments resumes: finished shards (checked by sha256) are kept, missing or damaged
+ones are rewritten, and the manifest is written last. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from semlab.data.shards import ensure_imagenet_extra, prepare_shards  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="source dataset string, e.g. 'ImageNet:root=<dir>:extra=<dir>', 'ImageFolder:root=<dir>', "
+        "'Demo:split=TRAIN'",
+    )
+    parser.add_argument(
+        "--output", required=True, help="output folder or URI (file://, s3://bucket/prefix, gs://...)"
+    )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=None,
+        help="splits to write (TRAIN VAL ...); default: the string's split=, else TRAIN",
+    )
+    parser.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
+    parser.add_argument(
+        "--rows-per-shard", type=int, default=None, help="exact rows per shard (overrides the size)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
+    parser.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="seed of the fixed sample order written to the shards (default 0)",
+    )
+    parser.add_argument("--no-shuffle", action="store_true", help="write samples in dataset order")
+    parser.add_argument(
+        "--extra",
+        action="store_true",
+        help="ImageNet: only (re)build the extra metadata (entries-*.npy ...) and stop; it is built "
+        "automatically before sharding when missing",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.extra:
+        ensure_imagenet_extra(args.dataset, force=True)
+        return 0
+    ensure_imagenet_extra(args.dataset)
+    manifest = prepare_shards(
+        args.dataset,
+        args.output,
+        splits=args.splits,
+        shard_size_mb=args.shard_size_mb,
+        workers=args.workers,
+        rows_per_shard=args.rows_per_shard,
+        shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+        progress=not args.no_progress,
+    )
+    for split, entry in manifest["splits"].items():
+        logging.info(
+            "%s: %d samples in %d shards, %d skipped",
+            split,
+            entry["num_samples"],
+            len(entry["shards"]),
+            entry["skipped"]["count"],
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
