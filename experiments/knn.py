@@ -1,0 +1,75 @@
+"""Weighted k-NN of a teacher checkpoint:
+``python experiments/knn.py --pretrained-weights eval/training_<it>/teacher_checkpoint.pth
+--train-dataset ... --val-dataset ... [--config-file R] [--output-dir D] [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from semlab.config import ConfigError, load_config
+from semlab.eval.features import extract_features
+from semlab.eval.knn import knn_classify
+from semlab.models import build_model_from_cfg, load_weights
+from semlab.utils.atomic import atomic_write_text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config-file", default="train/demo_tiny", help="recipe the checkpoint was trained with")
+    p.add_argument(
+        "--pretrained-weights", required=True, help="teacher checkpoint (.pth) or backbone weights"
+    )
+    p.add_argument("--train-dataset", default=None, help="default: evaluation.knn_dataset_train")
+    p.add_argument("--val-dataset", default=None, help="default: evaluation.knn_dataset_val")
+    p.add_argument("--feature", default="cls", choices=["cls", "sem", "avgpool"])
+    p.add_argument("--output-dir", default=None, help="writes knn.json there")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config_file, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train_ds = args.train_dataset or cfg.evaluation.knn_dataset_train
+    val_ds = args.val_dataset or cfg.evaluation.knn_dataset_val
+    if not train_ds or not val_ds:
+        print(
+            "error: give --train-dataset and --val-dataset (or set evaluation.knn_dataset_*)", file=sys.stderr
+        )
+        return 2
+    backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
+    load_weights(backbone, args.pretrained_weights)
+    backbone.to("cuda" if torch.cuda.is_available() else "cpu")
+    kw = dict(
+        kind=args.feature,
+        sem_temp=float(cfg.evaluation.sem_temp),
+        batch_size=int(cfg.knn.batch_size),
+        resize_size=int(cfg.linear.resize_size),
+        crop_size=int(cfg.linear.crop_size),
+    )
+    xtr, ytr = extract_features(backbone, train_ds, **kw)
+    xva, yva = extract_features(backbone, val_ds, **kw)
+    res = knn_classify(
+        xtr, ytr, xva, yva, nb_knn=list(cfg.knn.nb_knn), temperature=float(cfg.knn.temperature)
+    )
+    for k, acc in res.items():
+        print(f"k={k}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
+    if args.output_dir:
+        out = Path(args.output_dir) / "knn.json"
+        atomic_write_text(out, json.dumps({str(k): v for k, v in res.items()}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

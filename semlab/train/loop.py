@@ -1,0 +1,278 @@
+"""The per-worker training loop (iteration-based, as DINOv2's ``do_train``).
+
+For ``it`` in ``[start, max_iter)``, with ``max_iter = optim.epochs * OFFICIAL_EPOCH_LENGTH``
+(or ``train.max_iterations`` when > 0; the schedules always span the full recipe)::
+
+    batch = next(data)
+    lr, wd, mom, T_t, lr_last = schedules[it]      # per group: lr * lr_mult, wd * wd_mult
+    zero_grad; losses = model.forward_backward(batch, T_t)     # backward inside
+    losses all-reduced for logging (mean over ranks); non-finite total -> NonFiniteLossError
+    clip_grad_norm_(each student module, optim.clip_grad); optimizer.step()
+    model.update_teacher(mom)
+    (it + 1) % eval_period == 0     -> eval/training_<it>/teacher_checkpoint.pth
+    (it + 1) % checkpoint_period == 0 or it == max_iter - 1 -> checkpoints/model_<it>.pth
+
+The loop takes a data iterator (or a factory ``start_iter -> iterator``, so that a resumed run
+continues the data stream where the checkpoint left it) and a ``Reporter``; it knows nothing of
+Ray or MLflow. Gradient synchronisation is the job of the caller's parallelisation (FSDP2/DDP).
+A non-finite loss stops the run *before* the optimizer step, so no checkpoint is ever written
+from a diverged model and the last good checkpoint stays the resume point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from semlab.config import apply_scaling_rules
+from semlab.train import distributed
+from semlab.train.checkpointing import (
+    find_resume_checkpoint,
+    load_initial_weights,
+    restore_checkpoint,
+    save_checkpoint,
+    save_eval_checkpoint,
+    set_rng_state,
+)
+from semlab.train.param_groups import apply_optim_schedule, build_optimizer
+from semlab.train.reporting import Reporter
+from semlab.train.schedules import build_schedules
+from semlab.utils.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "training_metrics.json"
+DataSource = Iterator[dict[str, Any]] | Callable[[int], Iterator[dict[str, Any]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The total loss became NaN/inf; training stopped before the optimizer step."""
+
+    def __init__(self, iteration: int, losses: dict[str, float], checkpoint: Path | None) -> None:
+        self.iteration = iteration
+        self.losses = dict(losses)
+        self.checkpoint = checkpoint
+        parts = ", ".join(f"{k}={v:.6g}" for k, v in losses.items())
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"non-finite loss at iteration {iteration} ({parts}); training stopped without stepping the "
+            f"optimizer and without writing a checkpoint; {where}. Lower optim.base_lr, raise "
+            "teacher.warmup_teacher_temp_epochs or check the data."
+        )
+
+
+def max_iterations(cfg: DictConfig) -> int:
+    """``train.max_iterations`` when > 0, else ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH``."""
+    if int(cfg.train.max_iterations) > 0:
+        return int(cfg.train.max_iterations)
+    return int(cfg.optim.epochs) * int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+
+
+def checkpoint_period(cfg: DictConfig) -> int:
+    """``train.checkpoint_period_iterations`` when > 0, else ``saveckp_freq * OFFICIAL_EPOCH_LENGTH``."""
+    if int(cfg.train.checkpoint_period_iterations) > 0:
+        return int(cfg.train.checkpoint_period_iterations)
+    return int(cfg.train.saveckp_freq) * int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+
+
+class MetricsLog:
+    """JSON lines at ``<output_dir>/training_metrics.json``, one object per logged iteration.
+
+    Each line is appended with a single ``write`` on an ``O_APPEND`` descriptor (a crash leaves
+    whole lines). On resume, lines of iterations >= the resume point are dropped (atomic rewrite),
+    so the log never holds an iteration twice.
+    """
+
+    def __init__(self, path: Path, start_iteration: int) -> None:
+        self.path = path
+        if path.is_file():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("iteration", -1) < start_iteration:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a torn line from a crash
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def _reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over ranks of each loss part (one all-reduce), as Python floats."""
+    keys = sorted(loss_dict)
+    values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in keys])
+    if distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values)
+        values /= distributed.get_world_size()
+    return dict(zip(keys, values.cpu().tolist()))
+
+
+def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip each student module's gradient norm separately (as the reference); return the total norm."""
+    sq = 0.0
+    for module in model.student.values():
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            continue
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        sq += float(norm) ** 2
+    return math.sqrt(sq)
+
+
+def _show_progress() -> bool:
+    return distributed.is_main_process() and sys.stderr.isatty()
+
+
+def do_train(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    data_iter: DataSource,
+    output_dir: str | Path | None = None,
+    reporter: Reporter | None = None,
+    resume: bool = True,
+    start_iteration: int | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (an ``SSLMetaArch``, possibly parallelised) and return a summary dict.
+
+    ``data_iter``: an iterator of batch dicts, or a callable ``start_iter -> iterator`` (preferred:
+    after a resume it is called with the number of batches already consumed). ``resume``: continue
+    from ``<output_dir>/checkpoints/last_checkpoint`` if present (else start from
+    ``MODEL.WEIGHTS`` if set). ``start_iteration``: force the first iteration (callers that restore
+    state themselves); default: the resumed checkpoint's iteration + 1, or 0.
+    Raises ``NonFiniteLossError`` on a NaN/inf total loss.
+    """
+    output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
+    # hooks run on rank 0, except for reporters whose checkpoint hooks are collective (Ray's report)
+    all_ranks = bool(getattr(reporter, "all_ranks", False))
+    reporter = (
+        reporter if reporter is not None and (all_ranks or distributed.is_main_process()) else Reporter()
+    )
+    world = distributed.get_world_size()
+    apply_scaling_rules(cfg, world)
+    model.train()
+    optimizer = build_optimizer(model.get_params_groups(), cfg)
+    schedules = build_schedules(cfg)
+    max_iter = max_iterations(cfg)
+    ckpt_period = checkpoint_period(cfg)
+    eval_period = int(cfg.evaluation.eval_period_iterations)
+    log_period = max(int(cfg.train.log_period_iterations), 1)
+
+    start, rng_state, last_ckpt = 0, None, None
+    found = find_resume_checkpoint(output_dir) if resume else None
+    if found is not None:
+        last_ckpt, ckpt = found
+        start = restore_checkpoint(model, optimizer, ckpt, restore_rng=False) + 1
+        rng_state = ckpt["rng"]
+        logger.info("resumed from %s: starting at iteration %d", last_ckpt, start)
+    elif cfg.MODEL.WEIGHTS:
+        load_initial_weights(model, cfg.MODEL.WEIGHTS)
+        logger.info("initialised student and teacher from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
+    if start_iteration is not None:
+        start = int(start_iteration)
+    model.train()
+
+    batches: Iterator[dict[str, Any]] = data_iter(start) if callable(data_iter) else data_iter
+    if rng_state is not None:  # after the data iterator was built, which may draw from the RNGs
+        set_rng_state(rng_state)
+
+    is_main = distributed.is_main_process()
+    metrics_log = None
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_log = MetricsLog(output_dir / METRICS_FILE, start)
+    clip = float(cfg.optim.clip_grad or 0.0)
+    eval_paths: list[str] = []
+    last_losses: dict[str, float] = {}
+    window_images, window_time, window_data_time = 0, 0.0, 0.0
+    bar = tqdm(
+        total=max_iter, initial=start, disable=not _show_progress(), desc="pretrain", dynamic_ncols=True
+    )
+    it = start - 1
+    try:
+        for it in range(start, max_iter):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t_data = time.perf_counter() - t0
+            sched = schedules.at(it)
+            apply_optim_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+            optimizer.zero_grad(set_to_none=True)
+            loss_dict = model.forward_backward(batch, teacher_temp=sched["teacher_temp"])
+            losses = _reduce_losses(loss_dict)
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise NonFiniteLossError(it, losses, last_ckpt)
+            grad_norm = _clip_gradients(model, clip)
+            optimizer.step()
+            model.update_teacher(sched["mom"])
+
+            window_images += int(batch["collated_global_crops"].shape[0] // 2) * world
+            window_time += time.perf_counter() - t0
+            window_data_time += t_data
+            last_losses = losses
+            bar.update(1)
+            if is_main and ((it + 1) % log_period == 0 or it == max_iter - 1):
+                record: dict[str, Any] = {"iteration": it, **losses}
+                record.update(
+                    {
+                        "lr": sched["lr"],
+                        "wd": sched["wd"],
+                        "mom": sched["mom"],
+                        "teacher_temp": sched["teacher_temp"],
+                        "last_layer_lr": sched["last_layer_lr"],
+                        "grad_norm": grad_norm,
+                        "images_per_s": window_images / max(window_time, 1e-9),
+                        "data_time_s": window_data_time,
+                        "window_time_s": window_time,
+                    }
+                )
+                metrics_log.append(record)  # type: ignore[union-attr]
+                reporter.on_metrics(it, record)
+                bar.set_postfix(loss=f"{losses['total']:.3f}", lr=f"{sched['lr']:.2e}")
+                window_images, window_time, window_data_time = 0, 0.0, 0.0
+
+            if eval_period > 0 and (it + 1) % eval_period == 0:
+                path = save_eval_checkpoint(model, it, output_dir, cfg)
+                eval_paths.append(str(path))
+                reporter.on_eval_checkpoint(it, path)
+            if (it + 1) % ckpt_period == 0 or it == max_iter - 1:
+                last_ckpt = save_checkpoint(model, optimizer, it, output_dir, cfg)
+                reporter.on_checkpoint(it, last_ckpt)
+    finally:
+        bar.close()
+        close = getattr(batches, "close", None)
+        if callable(data_iter) and close is not None:  # we built it: stop its worker processes
+            close()
+
+    summary = {
+        "iteration": it,
+        "max_iter": max_iter,
+        "start_iteration": start,
+        "losses": last_losses,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "eval_checkpoints": eval_paths,
+        "output_dir": str(output_dir),
+    }
+    reporter.on_end(summary)
+    return summary
