@@ -1,0 +1,151 @@
+"""Start or join the Ray cluster a run executes on.
+
+``ray.address`` decides (``connect``):
+
+- ``auto`` (default): join the cluster this process is meant for, else start a private one.
+  Under ``ray job submit`` the job supervisor sets ``RAY_ADDRESS`` for the entry point, so the
+  job's own cluster is used; on a machine where ``ray start`` ran, its cluster (recorded in
+  ``<tmp>/ray/ray_current_cluster``) is joined. Otherwise a local single-node cluster is started
+  inside this process. Unlike ``ray.init(address="auto")`` this never attaches to some other
+  user's Ray instance merely because a ``gcs_server`` process is visible on the machine.
+- ``local``: always start a private local cluster.
+- ``none``: no Ray at all (the launcher runs the plain single-process path).
+- anything else (``10.0.0.5:6379``, ``ray://head:10001``): join that cluster.
+
+A local cluster is started with ``_node_ip_address="127.0.0.1"``, its dashboard (when
+``ray[default]`` is installed; Ray Train's clean-up uses its state API) on 127.0.0.1 only, and a
+bounded object store (``ray.object_store_memory_gb``). Note that Ray 2.60 resolves a loopback node
+address to the machine's own address and its GCS listens on all interfaces; what keeps the local
+cluster private is Ray's token authentication, on by default for local clusters in this version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+logger = logging.getLogger(__name__)
+
+NO_RAY = ("none", "off", "false", "no")
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be reached or started; the message says what to check."""
+
+
+@dataclass
+class ClusterHandle:
+    """What :func:`connect` did: ``started`` is True when this process owns a local cluster."""
+
+    address: str
+    started: bool
+
+    def shutdown(self) -> None:
+        """Disconnect from Ray (and stop the local cluster if this process started it)."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def wants_ray(cfg: DictConfig) -> bool:
+    """False when ``ray.address`` is ``none``: run without Ray."""
+    return str(cfg.ray.address).strip().lower() not in NO_RAY
+
+
+def _recorded_cluster() -> str | None:
+    """Address of the last ``ray start`` head on this machine, if Ray recorded one."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - private helper; absence just means "none recorded"
+        return None
+
+
+def start_local(
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_memory_gb: float = 4.0,
+    temp_dir: str | None = None,
+) -> ClusterHandle:
+    """Start a private single-node Ray cluster inside this process (see the module doc)."""
+    import ray
+
+    kwargs: dict = {
+        "address": "local",
+        "include_dashboard": None,  # Ray's default: on when ray[default] is installed, never required
+        "dashboard_host": "127.0.0.1",
+        "_node_ip_address": "127.0.0.1",
+        "object_store_memory": int(float(object_store_memory_gb) * 1024**3),
+        "namespace": "semlab",
+    }
+    if num_cpus is not None:
+        kwargs["num_cpus"] = int(num_cpus)
+    if num_gpus is not None:
+        kwargs["num_gpus"] = int(num_gpus)
+    if temp_dir:
+        kwargs["_temp_dir"] = str(temp_dir)
+    ctx = ray.init(**kwargs)
+    address = getattr(ctx, "address_info", {}).get("gcs_address", "local")
+    logger.info("started a local Ray cluster (%s CPUs) at %s", num_cpus or "all", address)
+    return ClusterHandle(address=str(address), started=True)
+
+
+def _join(address: str) -> ClusterHandle:
+    import ray
+
+    try:
+        ray.init(address=address, namespace="semlab")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(
+            f"cannot join the Ray cluster at '{address}': {exc}. Check that the cluster is running "
+            "(`ray status`), that RAY_ADDRESS / ray.address is right, and that this client has the "
+            "cluster's auth token (RAY_AUTH_MODE=token and the token file or RAY_AUTH_TOKEN); "
+            "use ray.address=local to start a private cluster or --local to run without Ray."
+        ) from exc
+    return ClusterHandle(address=address, started=False)
+
+
+def connect(cfg: DictConfig, num_cpus: int | None = None, temp_dir: str | None = None) -> ClusterHandle:
+    """Join or start the cluster named by ``cfg.ray.address`` (see the module doc).
+
+    ``num_cpus`` and ``temp_dir`` only apply when a local cluster is started. If Ray is already
+    initialised in this process (a test, a notebook), that connection is reused.
+    """
+    import ray
+
+    address = str(cfg.ray.address).strip()
+    if address.lower() in NO_RAY:
+        raise ClusterError("ray.address is 'none': this run is configured to run without Ray (use --local)")
+    if ray.is_initialized():
+        return ClusterHandle(address="existing", started=False)
+    if address.lower() == "local":
+        return start_local(num_cpus, None, float(cfg.ray.object_store_memory_gb), temp_dir)
+    if address.lower() != "auto":
+        return _join(address)
+    env_address = os.environ.get("RAY_ADDRESS", "").strip()
+    if env_address:
+        logger.info("joining the Ray cluster from RAY_ADDRESS=%s", env_address)
+        return _join(env_address)
+    recorded = _recorded_cluster()
+    if recorded:
+        try:
+            handle = _join(recorded)
+            logger.info("joined the Ray cluster started by `ray start` at %s", recorded)
+            return handle
+        except ClusterError as exc:
+            logger.warning(
+                "the recorded Ray cluster %s is not reachable (%s); starting a local one", recorded, exc
+            )
+    return start_local(num_cpus, None, float(cfg.ray.object_store_memory_gb), temp_dir)
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the connected cluster (``{"CPU": 2.0, "GPU": 0.0, ...}``)."""
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}

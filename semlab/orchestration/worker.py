@@ -1,0 +1,248 @@
+"""``train_loop_per_worker``: what each Ray Train worker runs.
+
+One worker = one process = one GPU (or a share of a CPU). Ray Train has already created the
+torch process group (NCCL on GPU, gloo on CPU) when this function starts. Each worker:
+
+1. restores the latest reported checkpoint, if Ray hands one over (a restarted worker group or a
+   resubmitted run of the same name): the local rank 0 of each node materialises the checkpoint
+   file into ``<output_dir>/checkpoints/`` and points ``last_checkpoint`` at it, so that every
+   rank resumes from the same iteration whatever it had on local disk;
+2. seeds ``train.seed + rank`` (as the reference), builds the ``SSLMetaArch`` and makes it data
+   parallel with :func:`semlab.train.parallel.parallelize` (parameters broadcast from rank 0);
+3. builds its data stream: the Ray Data shard of this worker (``data.backend=ray``) through
+   ``iter_training_batches``, or the local loader's rank-``r``-of-``W`` part (``data.backend=local``);
+4. runs ``semlab.train.loop.do_train`` with a :class:`RayTrainReporter` (checkpoints to Ray on all
+   ranks; MLflow on rank 0), and afterwards the k-NN evaluation on rank 0 when configured.
+
+The ``config`` dict (``train_loop_config``) holds plain data only: the resolved config as a
+container, the output dir, the resume flag, the Ray Data ``epoch_start`` and an optional fault
+injection (tests: ``{"iteration": k, "rank": r}`` makes rank ``r`` die with ``os._exit(1)`` when
+it fetches the batch of iteration ``k``, once per output dir).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+logger = logging.getLogger(__name__)
+
+FAULT_MARKER = ".semlab_fault_injected"
+DataFactory = Callable[[int], Iterator[dict[str, Any]]]
+
+
+def config_from_container(container: dict[str, Any]) -> DictConfig:
+    """The struct-mode DictConfig of a ``OmegaConf.to_container(cfg, resolve=True)`` dict."""
+    cfg = OmegaConf.create(container)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+# --------------------------------------------------------------------------- resume
+def materialise_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
+    """Copy the ``model_<it>.pth`` of a Ray checkpoint directory into ``<output_dir>/checkpoints``
+    (atomically, skipped when an identical-size file is there) and point ``last_checkpoint`` at it."""
+    from semlab.train.checkpointing import POINTER
+    from semlab.train.checkpointing import checkpoint_dir as ckpt_dir
+    from semlab.utils.atomic import atomic_path, atomic_write_text
+
+    files = sorted(Path(checkpoint_dir).glob("model_*.pth"))
+    if not files:
+        raise FileNotFoundError(
+            f"the Ray checkpoint {checkpoint_dir} holds no model_<iteration>.pth: not a semlab checkpoint"
+        )
+    src = files[-1]
+    dst = ckpt_dir(output_dir) / src.name
+    if not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    atomic_write_text(ckpt_dir(output_dir) / POINTER, dst.name + "\n")
+    return dst
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[str]:
+    """Delete what a killed attempt may have left in ``<output_dir>/checkpoints``: the hard-link
+    directories of Ray uploads (``.ray-upload-*``) and atomic-write temporaries (``.<name>.*.tmp``).
+    Only called before any rank of the new attempt writes there."""
+    from semlab.orchestration.reporter import UPLOAD_PREFIX
+    from semlab.train.checkpointing import checkpoint_dir as ckpt_dir
+
+    folder = ckpt_dir(output_dir)
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if path.is_dir() and path.name.startswith(UPLOAD_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        elif path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        logger.warning("removed temporaries of an interrupted attempt from %s: %s", folder, removed)
+    return removed
+
+
+def restore_ray_checkpoint(checkpoint: Any, output_dir: Path, local_rank: int) -> bool:
+    """Clean up after a killed attempt and materialise Ray's checkpoint on each node (local rank 0),
+    then wait for all ranks."""
+    from semlab.train import distributed
+
+    if local_rank == 0:
+        remove_stale_temporaries(output_dir)
+    if checkpoint is not None and local_rank == 0:
+        with checkpoint.as_directory() as directory:
+            path = materialise_checkpoint(directory, output_dir)
+        logger.info("resuming from Ray checkpoint %s (as %s)", checkpoint.path, path)
+    distributed.barrier()
+    return checkpoint is not None
+
+
+# --------------------------------------------------------------------------- data
+def make_data_factory(cfg: DictConfig, rank: int, world: int, epoch_start: int = 0) -> DataFactory:
+    """``start_iter -> iterator of batch dicts`` for this worker (see the module doc)."""
+    backend = str(cfg.data.backend).lower()
+    if backend == "local":
+        from semlab.data.loaders import make_local_data_iterator
+
+        def local(start_iter: int) -> Iterator[dict[str, Any]]:
+            return make_local_data_iterator(cfg, rank=rank, world_size=world, start_iter=start_iter)
+
+        return local
+    if backend == "ray":
+        import ray.train
+
+        from semlab.data.ray_pipeline import iter_training_batches
+
+        shard = ray.train.get_dataset_shard("train")
+        if shard is None:
+            raise RuntimeError(
+                "data.backend=ray but the trainer was given no 'train' dataset; build the TorchTrainer with "
+                "semlab.orchestration.trainer.build_trainer, which passes build_ray_dataset(cfg) as 'train'"
+            )
+
+        def streamed(start_iter: int) -> Iterator[dict[str, Any]]:
+            return iter_training_batches(
+                shard, cfg, seed=int(cfg.train.seed), epoch_start=epoch_start, rank=rank
+            )
+
+        return streamed
+    raise ValueError(f"data.backend='{cfg.data.backend}' is not supported; use 'local' or 'ray'")
+
+
+def _call_custom(
+    custom: Any, cfg: DictConfig, rank: int, world: int, start_iter: int
+) -> Iterator[dict[str, Any]]:
+    return custom(cfg, rank, world, start_iter)
+
+
+def with_fault_injection(
+    factory: DataFactory, fault: dict[str, int] | None, rank: int, output_dir: Path
+) -> DataFactory:
+    """Wrap ``factory`` so that rank ``fault['rank']`` exits hard at iteration ``fault['iteration']``,
+    the first time only (a marker file in ``output_dir`` records that the fault happened)."""
+    if not fault or int(fault.get("rank", 0)) != rank:
+        return factory
+    target = int(fault["iteration"])
+    marker = output_dir / f"{FAULT_MARKER}_{target}"
+
+    def wrapped(start_iter: int) -> Iterator[dict[str, Any]]:
+        for it, batch in enumerate(factory(start_iter), start=start_iter):
+            if it == target and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"rank {rank} killed itself at iteration {it} (pid {os.getpid()})\n")
+                logger.warning("fault injection: rank %d exits at iteration %d", rank, it)
+                os._exit(1)
+            yield batch
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------- evaluation
+def final_knn(cfg: DictConfig, model: Any, output_dir: Path, rank: int, device: Any) -> dict[str, Any] | None:
+    """k-NN of the final teacher on rank 0 (the teacher's full state is gathered from all ranks)."""
+    if not (cfg.evaluation.knn_dataset_train and cfg.evaluation.knn_dataset_val):
+        return None
+    from semlab.models import build_model_from_cfg
+    from semlab.train.checkpointing import teacher_state_dict
+    from semlab.train.run import knn_report
+
+    state = teacher_state_dict(model)  # collective
+    if rank != 0:
+        return None
+    backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return knn_report(cfg, backbone.to(device).eval(), output_dir)
+
+
+# --------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (see the module doc)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from semlab.config import apply_scaling_rules, save_config
+    from semlab.orchestration.reporter import RayTrainReporter
+    from semlab.train.loop import do_train
+    from semlab.train.meta_arch import SSLMetaArch
+    from semlab.train.parallel import parallelize
+    from semlab.train.run import seed_everything
+
+    ctx = ray.train.get_context()
+    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    cfg = config_from_container(config["cfg"])
+    output_dir = Path(config["output_dir"])
+    cfg.train.output_dir = str(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    resumed = restore_ray_checkpoint(ray.train.get_checkpoint(), output_dir, local_rank)
+    resume = resumed or bool(config.get("resume", True))
+    apply_scaling_rules(cfg, world)  # optim.lr for the global batch, as do_train sets it
+    if rank == 0:
+        save_config(cfg, output_dir / "config.yaml")
+
+    if int(cfg.train.get("num_threads", 0)) > 0:  # else Ray's OMP_NUM_THREADS (the worker's CPUs)
+        torch.set_num_threads(int(cfg.train.num_threads))
+    seed_everything(int(cfg.train.seed) + rank)
+    model = SSLMetaArch(cfg)
+    parallelize(model, cfg, device)
+
+    custom = config.get("data_factory")
+    if custom is not None:  # (cfg, rank, world, start_iter) -> iterator: synthetic data for tests/benchmarks
+        factory = functools.partial(_call_custom, custom, cfg, rank, world)
+    else:
+        factory = make_data_factory(cfg, rank, world, int(config.get("epoch_start", 0)))
+    factory = with_fault_injection(factory, config.get("fault"), rank, output_dir)
+
+    inner = None
+    if rank == 0 and bool(config.get("mlflow", False)) and bool(cfg.mlflow.enabled):
+        from semlab.tracking import MLflowReporter
+
+        inner = MLflowReporter(cfg, output_dir, recipe=config.get("recipe"), resume=resume, rank=0)
+    reporter = RayTrainReporter(rank, inner)
+    summary = do_train(cfg, model, factory, output_dir, reporter=reporter, resume=resume)
+    knn = final_knn(cfg, model, output_dir, rank, device) if config.get("knn", True) else None
+    final: dict[str, Any] = {"iteration": int(summary["iteration"]), "done": 1}
+    if knn is not None:
+        final.update({f"knn_top1_{name}": float(v) for name, v in knn["top1"].items()})
+        if inner is not None and hasattr(inner, "log_evaluation"):
+            inner.log_evaluation(
+                "knn",
+                {k: v for k, v in final.items() if k.startswith("knn_")},
+                step=int(summary["iteration"]),
+            )
+    if inner is not None and hasattr(inner, "close"):
+        inner.close()
+    reporter.report_final(final)

@@ -1,0 +1,240 @@
+"""End to end through a real Ray head: ``ray start --head`` + ``ray job submit`` of the pretraining.
+
+The head is started from this test's Python environment (its ``bin`` first on PATH, so the job's
+``python`` has semlab), bound to 127.0.0.1 with free ports and a private temp dir, with 2 CPUs. The
+job runs ``python experiments/pretrain.py`` with a tiny config and 2 Ray Train workers; inside the
+job ``RAY_ADDRESS`` points at this head, so the launcher joins it instead of starting its own
+cluster. The test checks the job SUCCEEDED and that the run left its checkpoints (locally and in
+Ray's storage), its metrics and its config.
+
+Clean-up: ``ray stop`` would stop every Ray process on the machine, other users' clusters
+included. The head is stopped instead by terminating exactly the processes of this head (those
+whose command line names its private temp dir, and their descendants), in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "experiments" / "pretrain.py"
+JOB_TIMEOUT_S = 300
+TINY = [
+    "student.embed_dim=48",
+    "student.depth=2",
+    "student.num_heads=3",
+    "student.L=4",
+    "student.V=4",
+    "dino.head_n_prototypes=64",
+    "dino.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=64",
+    "ibot.head_hidden_dim=32",
+    "ibot.head_bottleneck_dim=16",
+    "crops.global_crops_size=28",
+    "crops.local_crops_size=14",
+    "crops.local_crops_number=2",
+    "student.img_size=28",
+    "train.batch_size_per_gpu=4",
+    "train.num_workers=0",
+    "train.max_iterations=4",
+    "train.checkpoint_period_iterations=2",
+    "evaluation.eval_period_iterations=2",
+    "train.log_period_iterations=1",
+    "evaluation.knn_dataset_train=",
+    "evaluation.knn_dataset_val=",
+    "mlflow.enabled=false",
+    "ray.cpus_per_worker=0.5",
+    "ray.num_to_keep=2",
+]
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _ray(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = shutil.which("ray", path=env["PATH"])
+    assert exe, "the 'ray' CLI is not on this environment's PATH"
+    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process visible in /proc (Linux)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(entry)] = (ppid, cmdline)
+    return table
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Terminate the processes of the head started with ``--temp-dir temp_dir`` and their descendants."""
+    table = _proc_table()
+    own = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd} - {os.getpid()}
+    frontier = set(own)
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - own
+        own |= frontier
+    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        for pid in own:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in own):
+            time.sleep(0.2)
+        own = {pid for pid in own if os.path.exists(f"/proc/{pid}")}
+        if not own:
+            return
+
+
+def _head_logs(temp_dir: str, names: tuple[str, ...] = ("dashboard_agent", "dashboard", "raylet")) -> str:
+    """The tails of the head's service logs (for failure messages)."""
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    parts = []
+    for name in names:
+        for path in sorted(logs.glob(f"{name}*.log"))[:2]:
+            parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}")
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def ray_head():
+    env = _env()
+    temp_dir = tempfile.mkdtemp(prefix="semlab-rjs-", dir="/tmp")  # short: Ray's socket paths must fit
+    ports = {
+        "--port": _free_port(),
+        "--dashboard-port": _free_port(),
+        # every service with a fixed default port gets a free one (other Ray clusters may run here)
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+    }
+    args = ["start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1"]
+    for flag, port in ports.items():
+        args += [flag, str(port)]
+    args += ["--num-cpus", "2", "--num-gpus", "0", "--temp-dir", temp_dir]
+    args += ["--object-store-memory", str(300 * 1024**2), "--disable-usage-stats"]
+    try:
+        started = _ray(*args, env=env, timeout=180)
+        assert started.returncode == 0, f"ray start failed:\n{started.stdout}\n{started.stderr}"
+        yield f"http://127.0.0.1:{ports['--dashboard-port']}", env, temp_dir
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _job_state(text: str, job_id: str) -> str | None:
+    """The terminal state in the output of ``ray job status``, or None while the job runs."""
+    text = _ANSI.sub("", text)
+    for pattern, state in ((" succeeded", "SUCCEEDED"), (" failed", "FAILED"), (" was stopped", "STOPPED")):
+        if f"Job '{job_id}'{pattern}" in text:
+            return state
+    return None
+
+
+def _wait_for_job(address: str, job_id: str, env: dict[str, str]) -> str:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        out = _ray("job", "status", "--address", address, job_id, env=env, timeout=60)
+        last = _ANSI.sub("", out.stdout + out.stderr).strip()
+        state = _job_state(last, job_id)
+        if state is not None:
+            return state
+        time.sleep(3)
+    _ray("job", "stop", "--address", address, job_id, env=env, timeout=60)
+    return f"TIMEOUT (last status: {last[-300:]})"
+
+
+def test_ray_job_submit_runs_the_pretraining(ray_head, tmp_path):
+    address, env, temp_dir = ray_head
+    out = tmp_path / "run"
+    job_id = f"semlab-e2e-{uuid.uuid4().hex[:8]}"
+    entry = [
+        "python",
+        str(PRETRAIN),
+        "--config-file",
+        "train/demo_tiny",
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "2",
+        *TINY,
+    ]
+    submit = ["job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", "--", *entry]
+    deadline = time.monotonic() + 90
+    while True:  # right after `ray start` the dashboard agent may not accept jobs yet
+        submitted = _ray(*submit, env=env, timeout=120)
+        not_ready = "No available agent" in submitted.stderr or "Connection refused" in submitted.stderr
+        if submitted.returncode == 0 or not not_ready or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, (
+        f"ray job submit failed:\n{submitted.stderr[-2000:]}\nhead logs:\n{_head_logs(temp_dir)}"
+    )
+    status = _wait_for_job(address, job_id, env)
+    logs = _ray("job", "logs", "--address", address, job_id, env=env, timeout=60).stdout
+    assert status == "SUCCEEDED", f"job {job_id} ended {status}; logs:\n{logs[-6000:]}"
+    assert "Started a local Ray instance" not in logs, "the job started its own cluster instead of joining"
+
+    # local checkpoints of the last iteration (3), the pointer, and loadable files only
+    import torch
+
+    ckpts = sorted((out / "checkpoints").glob("model_*.pth"))
+    assert [p.name for p in ckpts] == ["model_0000001.pth", "model_0000003.pth"]
+    assert (out / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    for path in ckpts:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["data"]["world_size"] == 2
+    assert (out / "eval" / "training_3" / "teacher_checkpoint.pth").is_file()
+    # Ray's copy of the reported checkpoints (storage default: <output_dir>/ray_results/<run name>)
+    stored = sorted(p.name for p in (out / "ray_results" / out.name).glob("checkpoint_*") if p.is_dir())
+    assert stored == ["checkpoint_0000001", "checkpoint_0000003"]
+    assert (out / "ray_results" / out.name / "checkpoint_0000003" / "model_0000003.pth").is_file()
+    # metrics of every iteration, and the resolved config
+    lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0, 1, 2, 3]
+    assert all(r["total"] == r["total"] for r in lines)  # finite (not NaN)
+    assert (out / "config.yaml").is_file()
