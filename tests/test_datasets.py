@@ -23,7 +23,7 @@ from semlab.data import (
     make_dataset,
     parse_dataset_str,
 )
-from semlab.data.demo import DEMO_CLASSES, DEMO_IMAGE_SIZE, generate_demo_split
+from semlab.data.demo import DEMO_CLASSES, DEMO_IMAGE_SIZE, DEMO_VERSION, generate_demo_split
 
 
 def jpeg_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (24, 16)) -> bytes:
@@ -253,8 +253,8 @@ def test_demo_generation_is_deterministic(tmp_path: Path) -> None:
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
     # splits and indices give different images
     c = generate_demo_split(tmp_path / "c", "VAL", n_per_class=2)
-    assert (a / "star/star_00000.jpg").read_bytes() != (c / "star/star_00000.jpg").read_bytes()
-    assert (a / "star/star_00000.jpg").read_bytes() != (a / "star/star_00001.jpg").read_bytes()
+    assert (a / "dots/dots_00000.jpg").read_bytes() != (c / "dots/dots_00000.jpg").read_bytes()
+    assert (a / "dots/dots_00000.jpg").read_bytes() != (a / "dots/dots_00001.jpg").read_bytes()
 
 
 def test_demo_dataset_balance_and_format(tmp_path: Path) -> None:
@@ -270,15 +270,16 @@ def test_demo_dataset_balance_and_format(tmp_path: Path) -> None:
     assert image.mode == "RGB"
     # second use reads the cache instead of regenerating
     folder = tmp_path / "train-n3"
-    mtime = (folder / "star/star_00000.jpg").stat().st_mtime_ns
+    mtime = (folder / "dots/dots_00000.jpg").stat().st_mtime_ns
     assert len(DemoDataset("TRAIN", tmp_path, 3)) == len(ds)
-    assert (folder / "star/star_00000.jpg").stat().st_mtime_ns == mtime
+    assert (folder / "dots/dots_00000.jpg").stat().st_mtime_ns == mtime
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
 def test_demo_default_root_and_incomplete_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEMLAB_CACHE", str(tmp_path / "cache"))
-    assert default_demo_root() == tmp_path / "cache" / "demo-v1"
+    assert default_demo_root() == tmp_path / "cache" / DEMO_VERSION
+    assert DEMO_VERSION == "demo-v2"  # the texture demo: a v1 cache (shape demo) must not be reused
     (tmp_path / "val-n1").mkdir()
     with pytest.raises(DatasetError, match="delete it"):
         ensure_demo_split(tmp_path, "VAL", 1)
@@ -301,3 +302,17 @@ def test_demo_concurrent_first_use(tmp_path: Path) -> None:
     assert results == {str(tmp_path / "val-n2")}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val-n2"]  # losers cleaned up their copies
     assert len(list((tmp_path / "val-n2").rglob("*.jpg"))) == 2 * len(DEMO_CLASSES)
+
+
+def test_demo_texture_has_luma_contrast_in_every_crop() -> None:
+    """The label is a two-tone texture: every 28 x 28 window (a small local crop) shows both tones."""
+    from semlab.data.demo import MIN_LUMA_CONTRAST, render_demo_image
+
+    for class_index in range(len(DEMO_CLASSES)):
+        rng = np.random.default_rng([7, class_index])
+        luma = np.asarray(render_demo_image(class_index, rng).convert("L"), dtype=np.float32)
+        for y in range(0, DEMO_IMAGE_SIZE - 27, 28):
+            for x in range(0, DEMO_IMAGE_SIZE - 27, 28):
+                window = luma[y : y + 28, x : x + 28]
+                spread = np.percentile(window, 95) - np.percentile(window, 5)
+                assert spread >= 0.7 * MIN_LUMA_CONTRAST, (DEMO_CLASSES[class_index], y, x, spread)

@@ -1,15 +1,24 @@
-"""The embedded demo dataset: 10 shape classes, procedurally generated, shipped as code.
+"""The embedded demo dataset: 8 texture classes, procedurally generated, shipped as code.
 
-Each image (112 x 112 RGB, JPEG quality 90) shows one large shape -- circle, square, triangle, star,
-cross, ring, hexagon, crescent, arrow or frame -- at a random position, size, rotation, aspect and
-colour, over a random background (smooth colour field + oriented texture + pixel noise) with thin
-distractor lines and small dots. The class is the shape, not its colour, position or size, so the
-label survives DINO's crops, flips, colour jitter, grayscale, blur and solarize (the shape keeps a
-luma contrast of at least ``MIN_LUMA_CONTRAST`` with the background), while raw pixels are a weak cue.
+Label encoding. Each image (112 x 112 RGB, JPEG quality 90) is a mosaic of 3 to 6 Voronoi cells, and every
+cell is filled with the SAME class-specific binary texture -- ``stripes``, ``checker``, ``dots``, ``grid``,
+``zigzag``, ``crosses``, ``rings`` or ``blocks`` -- drawn in two colours. All the other properties are drawn
+independently PER CELL: the texture's orientation, period (``PERIOD_RANGE`` pixels), phase, the two colours
+and which of them is the lighter one. The whole image then gets i.i.d. Gaussian pixel noise.
+
+Why. (1) The class is present in every part of the image, so it is present in every DINO crop, local crops
+(5-32 % of the area) included; a period of at least ``PERIOD_RANGE[0]`` pixels survives the rescaling and the
+Gaussian blur of the augmentation. (2) No nuisance variable is global to an image: orientation, scale, phase
+and colour change from cell to cell, so two crops of one image share only the texture type, and
+self-distillation has nothing but the class to agree on (a demo with per-image background colour fields,
+oriented background textures and shape colours let DINO match crops on those cues instead of the class).
+(3) The two colours of a cell differ in luma by at least ``MIN_LUMA_CONTRAST``, so the texture survives colour
+jitter, grayscale and solarize. (4) Raw pixels are a weak cue: a pooled pixel vector sees mostly the random
+per-cell mean colours, and the random orientation/phase decorrelates the textures pixel by pixel.
 
 Every image is a pure function of ``(DEMO_SEED, split, class, index)``: the data are reproducible
 bit for bit and a larger ``n_per_class`` only adds images. They are generated on first use into a
-cache folder (``$SEMLAB_CACHE/demo-v1``, default ``~/.cache/semlab/demo-v1``, or ``root=``) with the
+cache folder (``$SEMLAB_CACHE/demo-v2``, default ``~/.cache/semlab/demo-v2``, or ``root=``) with the
 layout ``<root>/<split>/<class>/<class>_<index>.jpg``; each split folder is generated into a temporary
 folder and renamed into place, so concurrent first use by several processes is safe.
 """
@@ -27,172 +36,116 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from semlab.data.image_folder import DatasetError, ImageFolder
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
 DEMO_SEED = 20240601
-DEMO_CLASSES = (
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "cross",
-    "ring",
-    "hexagon",
-    "crescent",
-    "arrow",
-    "frame",
-)
+DEMO_CLASSES = ("stripes", "checker", "dots", "grid", "zigzag", "crosses", "rings", "blocks")
 DEMO_IMAGE_SIZE = 112
 DEMO_JPEG_QUALITY = 90
-DEMO_N_PER_CLASS = {"TRAIN": 200, "VAL": 50}
-MIN_LUMA_CONTRAST = 70.0
+DEMO_N_PER_CLASS = {"TRAIN": 250, "VAL": 50}
+MIN_LUMA_CONTRAST = 80.0
+PERIOD_RANGE = (11.0, 18.0)  # texture period in pixels of the 112-pixel image
+CELLS_RANGE = (3, 6)  # Voronoi cells per image (inclusive)
 _SPLIT_CODES = {"TRAIN": 0, "VAL": 1}
-_SUPERSAMPLE = 4
+_SUPERSAMPLE = 2
 _COMPLETE_MARKER = ".complete"
 
 
 def default_demo_root() -> Path:
-    """``$SEMLAB_CACHE/demo-v1`` if ``SEMLAB_CACHE`` is set, else ``~/.cache/semlab/demo-v1``."""
+    """``$SEMLAB_CACHE/demo-v2`` if ``SEMLAB_CACHE`` is set, else ``~/.cache/semlab/demo-v2``."""
     base = os.environ.get("SEMLAB_CACHE")
     return (Path(base) if base else Path("~/.cache/semlab")).expanduser() / DEMO_VERSION
 
 
-# ---- shapes, in unit coordinates (the shape spans about [-1, 1]) ---------------------------------------
+# ---- textures: indicator functions of (u, v), coordinates in units of the period --------------------
 
 
-def _regular_polygon(n: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
-    angles = phase + 2.0 * math.pi * np.arange(n) / n
-    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+def _centred(t: np.ndarray) -> np.ndarray:
+    """Signed offset of ``t`` from the nearest integer + 1/2, in [-1/2, 1/2)."""
+    return t - np.floor(t) - 0.5
 
 
-def _star(points: int = 5, inner: float = 0.42) -> np.ndarray:
-    outer = _regular_polygon(points, 1.0, -math.pi / 2)
-    inn = _regular_polygon(points, inner, -math.pi / 2 + math.pi / points)
-    return np.stack([outer, inn], axis=1).reshape(-1, 2)
-
-
-def _cross(arm: float = 0.34) -> np.ndarray:
-    a = arm
-    quarter = [(-a, -1), (a, -1), (a, -a)]  # one arm's end and the inner corner, rotated 4 times
-    rot = np.array([[0.0, -1.0], [1.0, 0.0]])
-    pts = np.array(quarter, dtype=float)
-    return np.concatenate([pts @ np.linalg.matrix_power(rot, k).T for k in range(4)])
-
-
-def _arrow() -> np.ndarray:
-    return np.array(
-        [(-1.0, -0.25), (0.15, -0.25), (0.15, -0.7), (1.0, 0.0), (0.15, 0.7), (0.15, 0.25), (-1.0, 0.25)]
-    )
-
-
-# Each class: list of (polygon, fill) drawn in order on a black mask (fill 255 adds, 0 cuts a hole).
-def _class_polygons(name: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
-    circle = _regular_polygon(72)
-    if name == "circle":
-        return [(circle, 255)]
-    if name == "square":
-        return [(_regular_polygon(4, 1.15, math.pi / 4), 255)]
-    if name == "triangle":
-        return [(_regular_polygon(3, 1.2, -math.pi / 2) + np.array([0.0, 0.2]), 255)]
-    if name == "star":
-        return [(_star(5, float(rng.uniform(0.38, 0.5))) * 1.15, 255)]
-    if name == "cross":
-        return [(_cross(float(rng.uniform(0.28, 0.38))), 255)]
-    if name == "ring":
-        return [(circle, 255), (circle * float(rng.uniform(0.5, 0.62)), 0)]
-    if name == "hexagon":
-        return [(_regular_polygon(6, 1.05), 255)]
-    if name == "crescent":
-        shift = float(rng.uniform(0.4, 0.6))
-        return [(circle, 255), (circle * 0.9 + np.array([shift, -0.1]), 0)]
-    if name == "arrow":
-        return [(_arrow() * 1.1, 255)]
-    if name == "frame":
-        square = _regular_polygon(4, 1.2, math.pi / 4)
-        return [(square, 255), (square * float(rng.uniform(0.55, 0.68)), 0)]
+def _texture(name: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of texture ``name`` at rotated, period-normalised coordinates ``(u, v)``."""
+    if name == "stripes":  # parallel bands, half the period each
+        return _centred(u) < 0.0
+    if name == "checker":  # squares of half a period
+        return (_centred(u) < 0.0) ^ (_centred(v) < 0.0)
+    if name == "dots":  # a square lattice of discs
+        return np.hypot(_centred(u), _centred(v)) < 0.3
+    if name == "grid":  # thin lines along both axes
+        return np.minimum(np.abs(_centred(u)), np.abs(_centred(v))) < 0.11
+    if name == "zigzag":  # bands bent into a triangle wave
+        tri = np.abs(_centred(v * 0.8)) * 2.0  # in [0, 1], wavelength 1.25 periods
+        return _centred(u + 0.9 * tri) < 0.0
+    if name == "crosses":  # a lattice of small plus signs
+        cu, cv = np.abs(_centred(u)), np.abs(_centred(v))
+        return ((cu < 0.1) & (cv < 0.36)) | ((cv < 0.1) & (cu < 0.36))
+    if name == "rings":  # concentric circles around a point of the cell
+        cx, cy = rng.uniform(-0.5, 0.5, size=2)
+        return _centred(np.hypot(u - cx, v - cy)) < 0.0
+    if name == "blocks":  # random on/off squares of half a period (binary noise on a lattice)
+        table = rng.random((16, 16)) < 0.5
+        return table[np.floor(u * 2.0).astype(np.int64) % 16, np.floor(v * 2.0).astype(np.int64) % 16]
     raise ValueError(f"unknown demo class {name!r}")
-
-
-def _shape_mask(class_name: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Anti-aliased mask in [0, 1] of one shape at a random position, radius, rotation and aspect."""
-    big = size * _SUPERSAMPLE
-    radius = rng.uniform(0.2, 0.34) * big
-    centre = rng.uniform(0.32, 0.68, size=2) * big
-    theta = rng.uniform(0.0, 2.0 * math.pi)
-    aspect = rng.uniform(0.85, 1.15)
-    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    scale = np.array([aspect, 1.0 / aspect]) * radius
-    mask = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(mask)
-    for polygon, fill in _class_polygons(class_name, rng):
-        pts = (polygon * scale) @ rot.T + centre
-        draw.polygon([(float(x), float(y)) for x, y in pts], fill=fill)
-    small = mask.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def _background(rng: np.random.Generator, size: int, luma_target: float) -> np.ndarray:
-    """Smooth random colour field + an oriented sinusoidal texture, around a target mean luma."""
-    grid = int(rng.integers(2, 6))
-    field = rng.uniform(0, 255, size=(grid, grid, 3)).astype(np.uint8)
-    smooth = Image.fromarray(field).resize((size, size), Image.Resampling.BICUBIC)
-    smooth = np.asarray(smooth, dtype=np.float32)
-    smooth = smooth * 0.5 + rng.uniform(0, 255, size=3).astype(np.float32) * 0.5
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    angle, freq = rng.uniform(0, math.pi), rng.uniform(0.15, 0.6)
-    wave = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * freq + rng.uniform(0, 2 * math.pi))
-    smooth += (wave * rng.uniform(5, 25))[..., None]
-    smooth += luma_target - float(_luma(smooth).mean())
-    return smooth
+def _colour_with_luma(rng: np.random.Generator, luma: float) -> np.ndarray:
+    """A random colour of moderate saturation, shifted to the given luma."""
+    grey = np.full(3, luma)
+    colour = grey + rng.uniform(-60.0, 60.0, size=3)
+    colour += luma - float(_luma(colour))
+    return np.clip(colour, 0.0, 255.0)
 
 
-def _fill_colour(rng: np.random.Generator, luma_target: float) -> np.ndarray:
-    colour = rng.uniform(0, 255, size=3)
-    colour = colour + (luma_target - float(_luma(colour)))
-    return np.clip(colour, 0, 255).astype(np.float32)
+def _cell_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(ink, paper) colours whose lumas differ by at least ``MIN_LUMA_CONTRAST``; either may be lighter."""
+    dark = rng.uniform(25.0, 255.0 - MIN_LUMA_CONTRAST - 25.0 - 40.0)
+    light = dark + rng.uniform(MIN_LUMA_CONTRAST + 10.0, min(150.0, 230.0 - dark))
+    a, b = _colour_with_luma(rng, dark), _colour_with_luma(rng, light)
+    return (a, b) if rng.random() < 0.5 else (b, a)
 
 
-def _distractors(rng: np.random.Generator, size: int) -> Image.Image:
-    """RGBA layer of thin random lines and small dots (a few pixels wide: much smaller than any shape)."""
-    layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    for _ in range(int(rng.integers(2, 7))):
-        x0, y0, x1, y1 = (float(v) for v in rng.uniform(-0.1, 1.1, size=4) * size)
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3)) + (int(rng.integers(90, 200)),)
-        draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 3)))
-    for _ in range(int(rng.integers(3, 12))):
-        cx, cy = (float(v) for v in rng.uniform(0, size, size=2))
-        r = float(rng.uniform(1.0, 3.5))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3)) + (int(rng.integers(120, 230)),)
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    return layer
+def _voronoi_labels(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size) integer map of the nearest of ``n`` random seed points (the cells)."""
+    n = int(rng.integers(CELLS_RANGE[0], CELLS_RANGE[1] + 1))
+    seeds = rng.uniform(0.0, size, size=(n, 2))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    d = (xx[None] - seeds[:, 0, None, None]) ** 2 + (yy[None] - seeds[:, 1, None, None]) ** 2
+    return np.argmin(d, axis=0)
 
 
 def render_demo_image(class_index: int, rng: np.random.Generator, size: int = DEMO_IMAGE_SIZE) -> Image.Image:
-    """One demo image of class ``DEMO_CLASSES[class_index]`` drawn from ``rng``."""
-    dark_background = bool(rng.random() < 0.5)
-    bg_luma = rng.uniform(40, 95) if dark_background else rng.uniform(160, 215)
-    fg_luma = bg_luma + (1 if dark_background else -1) * rng.uniform(MIN_LUMA_CONTRAST + 15, 120)
-    background = _background(rng, size, bg_luma)
-    mask = _shape_mask(DEMO_CLASSES[class_index], rng, size)[..., None]
-    fill = _fill_colour(rng, fg_luma)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    gradient = 1.0 + rng.uniform(-0.12, 0.12) * (xx - 0.5) + rng.uniform(-0.12, 0.12) * (yy - 0.5)
-    foreground = fill[None, None, :] * gradient[..., None]
-    image = background * (1.0 - mask) + foreground * mask
-    image += rng.normal(0.0, rng.uniform(3.0, 9.0), size=image.shape)
-    pil = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8), "RGB").convert("RGBA")
-    pil = Image.alpha_composite(pil, _distractors(rng, size)).convert("RGB")
-    if rng.random() < 0.3:
-        pil = pil.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.9))))
-    return pil
+    """One demo image of class ``DEMO_CLASSES[class_index]`` drawn from ``rng`` (see the module doc)."""
+    name = DEMO_CLASSES[class_index]
+    big = size * _SUPERSAMPLE
+    cells = _voronoi_labels(rng, big)
+    yy, xx = np.mgrid[0:big, 0:big].astype(np.float64) / _SUPERSAMPLE
+    image = np.zeros((big, big, 3), dtype=np.float64)
+    for cell in range(int(cells.max()) + 1):
+        inside = cells == cell
+        if not inside.any():
+            continue
+        theta = rng.uniform(0.0, 2.0 * math.pi)
+        period = rng.uniform(*PERIOD_RANGE)
+        # the texture's origin near the cell's centroid (so that rings are centred inside their cell)
+        ox, oy = np.array([xx[inside].mean(), yy[inside].mean()]) + rng.uniform(-period, period, size=2)
+        x, y = xx[inside] - ox, yy[inside] - oy
+        u = (x * math.cos(theta) + y * math.sin(theta)) / period
+        v = (-x * math.sin(theta) + y * math.cos(theta)) / period
+        on = _texture(name, u, v, rng)
+        ink, paper = _cell_colours(rng)
+        image[inside] = np.where(on[:, None], ink[None, :], paper[None, :])
+    small = image.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE, 3).mean(axis=(1, 3))
+    small += rng.normal(0.0, rng.uniform(3.0, 8.0), size=small.shape)
+    return Image.fromarray(np.clip(np.rint(small), 0, 255).astype(np.uint8), "RGB")
 
 
 def demo_image_bytes(split: str, class_index: int, index: int, seed: int = DEMO_SEED) -> bytes:
