@@ -109,6 +109,46 @@ def run_local(cfg: DictConfig, output_dir: Path, resume: bool, recipe: str | Non
     return summary
 
 
+def latest_eval_checkpoint(output_dir: Path) -> Path | None:
+    """The newest ``eval/training_<it>/teacher_checkpoint.pth`` under ``output_dir``, if any."""
+    found = []
+    for path in output_dir.glob("eval/training_*/teacher_checkpoint.pth"):
+        suffix = path.parent.name.removeprefix("training_")
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return max(found)[1] if found else None
+
+
+def evaluate_final_teacher(cfg: DictConfig, output_dir: Path, recipe: str | None) -> dict[str, float]:
+    """Linear probe(s) of the last teacher eval checkpoint, logged onto the pretraining's MLflow run.
+
+    Runs when ``evaluation.linear_after_train`` is set (the demo sets it); the k-NN already ran at
+    the end of training. The MLflow run is the one recorded in ``<output_dir>/mlflow_run.json``.
+    """
+    if not bool(cfg.evaluation.linear_after_train):
+        return {}
+    checkpoint = latest_eval_checkpoint(output_dir)
+    if checkpoint is None:
+        logger.warning("evaluation.linear_after_train is set but %s has no eval checkpoint", output_dir)
+        return {}
+    from semlab.eval.auto import evaluate_after_pretraining
+
+    reporter = None
+    if bool(cfg.mlflow.enabled):
+        from semlab.tracking import MLflowReporter
+
+        reporter = MLflowReporter(cfg, output_dir, recipe=recipe, resume=True)
+    try:
+        metrics = evaluate_after_pretraining(cfg, output_dir, checkpoint, reporter=reporter, knn=False)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    for name, what in (("linear_top1", "CLS tokens"), ("linear_sem_top1", "raw SEM simplices")):
+        if name in metrics:
+            print(f"linear probe on {what}: top-1 {metrics[name]:.1f}% on {cfg.evaluation.knn_dataset_val}")
+    return metrics
+
+
 def run_ray(cfg: DictConfig, output_dir: Path, resume: bool, recipe: str | None) -> Any:
     """Join or start the cluster, fit the TorchTrainer, and stop a cluster this process started."""
     from semlab.orchestration.cluster import connect
@@ -169,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local or not wants_ray(cfg):
         summary = run_local(cfg, output_dir, resume, args.config_file)
         _print_summary(output_dir, summary.get("iteration"), time.perf_counter() - start)
+        evaluate_final_teacher(cfg, output_dir, args.config_file)
         return 0
     try:
         result = run_ray(cfg, output_dir, resume, args.config_file)
@@ -181,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = getattr(result, "checkpoint", None)
     if checkpoint is not None:
         print(f"last Ray checkpoint: {checkpoint.path}")
+    evaluate_final_teacher(cfg, output_dir, args.config_file)
     return 0
 
 
