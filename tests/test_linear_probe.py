@@ -223,3 +223,14 @@ def test_sem_protocol_probes_the_raw_simplex_on_parquet_shards(tmp_path, one_thr
     bad = cli.main(["--config-file", "train/demo_tiny", "--pretrained-weights", str(tmp_path / "missing.pth"),
                     "--output-dir", str(out), "--train-dataset", TRAIN_DS, "--val-dataset", VAL_DS, *TINY])
     assert bad == 2
+
+
+def test_block_counts_beyond_the_model_depth_are_dropped():
+    from semlab.eval.linear import usable_block_counts
+    from semlab.models import build_backbone
+
+    two_blocks = build_backbone("vit_small", depth=2, embed_dim=24, num_heads=2, img_size=28)
+    assert usable_block_counts([1, 4], two_blocks) == [1]
+    assert usable_block_counts([4], two_blocks) == [2]
+    with pytest.raises(ValueError, match="positive"):
+        usable_block_counts([0], two_blocks)

@@ -288,13 +288,18 @@ def test_pretrain_entry_point_writes_config_metrics_and_knn(tmp_path, capsys):
         "knn.nb_knn=[5]",
         "linear.resize_size=32",
         "linear.crop_size=28",
+        "linear.epochs=1",
+        "linear.epoch_length=2",
+        "evaluation.eval_period_iterations=2",
     ]
     assert entry.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [x.split(":")[0] for x in lines[-3:]] == [
+    assert [x.split(":")[0] for x in lines[-5:]] == [
         "k-NN top-1 (k=5) trained teacher",
         "k-NN top-1 (k=5) random-init backbone",
         "k-NN top-1 (k=5) raw pixels",
+        "linear probe on CLS tokens",
+        "linear probe on raw SEM simplices",
     ]
     out = tmp_path / "out"
     report = json.loads((out / "knn_results.json").read_text())

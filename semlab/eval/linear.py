@@ -279,6 +279,25 @@ def best_of(accuracies: dict[str, dict[str, float]]) -> str:
 
 
 # --------------------------------------------------------------------------- the whole protocol
+def usable_block_counts(requested: Sequence[int], backbone: nn.Module) -> list[int]:
+    """``linear.n_last_blocks`` values the backbone can serve; larger ones are dropped with a warning.
+
+    A 2-block demo model cannot give the concatenated CLS tokens of its last 4 blocks; the probe
+    grid then uses the counts that exist instead of failing after the features are built.
+    """
+    depth = len(list(backbone.iter_blocks())) if hasattr(backbone, "iter_blocks") else None
+    counts = sorted({int(n) for n in requested})
+    if any(n < 1 for n in counts):
+        raise ValueError(f"linear.n_last_blocks must be positive block counts, got {counts}")
+    if depth is None:
+        return counts
+    usable = [n for n in counts if n <= depth] or [depth]
+    if usable != counts:
+        logger.warning("linear.n_last_blocks %s: the backbone has %d blocks, probing with %s", counts, depth,
+                       usable)
+    return usable
+
+
 def run_linear_probe(
     backbone: nn.Module,
     cfg: Any,
@@ -302,13 +321,14 @@ def run_linear_probe(
     if use_sem and not getattr(backbone, "has_sem", False):
         raise ValueError("--use-sem needs a SEM backbone (student.L > 0 and student.V); this one has no SEM")
     backbone = backbone.to(device)
-    n_max = max(int(n) for n in lin.n_last_blocks) if not use_sem else 1
+    n_last_blocks = usable_block_counts(list(lin.n_last_blocks), backbone)
+    n_max = max(n_last_blocks) if not use_sem else 1
     features = FrozenFeatures(backbone, n_max, sem_temp=float(cfg.evaluation.sem_temp) if use_sem else None)
     data = make_probe_data(
         train_dataset, val_dataset, int(lin.batch_size), int(lin.num_workers), int(lin.resize_size),
         int(lin.crop_size), float(lin.val_fraction), seed,
     )
-    specs = grid_specs(list(lin.learning_rates), list(lin.n_last_blocks), list(lin.avgpool),
+    specs = grid_specs(list(lin.learning_rates), n_last_blocks, list(lin.avgpool),
                        int(lin.batch_size), world_size, protocol)
     train_iter = iter(data.train)
     x0, _ = next(train_iter)
