@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
             args.output_dir,
             args.L,
             args.temp,
-            metric=metric,
-            mode=mode,
             max_concurrent_trials=args.max_concurrent,
         )
         rows = summarize(results, metric, mode)

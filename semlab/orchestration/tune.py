@@ -90,8 +90,6 @@ def run_sweep(
     L_values: Sequence[int],
     temp_values: Sequence[float],
     *,
-    metric: str | None = None,
-    mode: str | None = None,
     max_concurrent_trials: int = 1,
     name: str = "sem_sweep",
     mlflow: bool = True,
@@ -110,8 +108,6 @@ def run_sweep(
         raise ValueError(f"student.temp values must be > 0, got {bad}")
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    default_m, default_mode = default_metric(cfg)
-    metric, mode = metric or default_m, mode or default_mode
     param_space = {
         "student.L": tune.grid_search([int(v) for v in L_values]),
         "student.temp": tune.grid_search([float(v) for v in temp_values]),
@@ -122,9 +118,9 @@ def run_sweep(
     tuner = tune.Tuner(
         tune.with_resources(train_driver, {"CPU": DRIVER_CPUS}),
         param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, max_concurrent_trials=int(max_concurrent_trials)
-        ),
+        # No metric/mode for Tune itself: a grid needs no searcher, and Tune would reject every
+        # intermediate report that lacks the final k-NN metric. ``summarize`` ranks the trials.
+        tune_config=tune.TuneConfig(max_concurrent_trials=int(max_concurrent_trials)),
         run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir / "ray_results")),
     )
     return tuner.fit()

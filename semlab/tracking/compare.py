@@ -7,7 +7,7 @@ The chart (PNG, matplotlib Agg) has three panels:
 3. the loss curves (metric history of ``total`` by default) of every run.
 
 Accuracy is the first metric present among ``linear_sem_top1``, ``linear_top1``,
-``knn_top1_k20`` (or those given); each gets its own marker so mixed runs stay readable.
+``knn_top1_k20``, ``knn_top1_teacher`` (the k-NN a Ray run reports; or those given); each gets its own marker so mixed runs stay readable.
 Evaluation child runs (tag ``mlflow.parentRunId``) are not drawn: their metrics are already on
 their pretraining run.
 """
@@ -25,7 +25,7 @@ from semlab.tracking.runs import PARENT_TAG
 from semlab.tracking.store import redact_uri
 from semlab.utils.atomic import atomic_path
 
-DEFAULT_ACCURACY_METRICS = ("linear_sem_top1", "linear_top1", "knn_top1_k20")
+DEFAULT_ACCURACY_METRICS = ("linear_sem_top1", "linear_top1", "knn_top1_k20", "knn_top1_teacher")
 DEFAULT_LOSS_METRIC = "total"
 MARKERS = ("o", "s", "^", "D", "v")
 
