@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from semlab.data import CorruptImageError, MaskingGenerator, collate_data_and_cast, make_local_data_iterator
+from semlab.data.demo import DEMO_CLASSES
 from semlab.data.loaders import EpochShuffleSampler
 
 # ---- masking -----------------------------------------------------------------------------------------
@@ -209,16 +210,18 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 
 
 def test_local_iterator_batches_and_exact_resume(tmp_path: Path) -> None:
-    cfg = tiny_cfg(tmp_path)  # 10 images, batch 4: epochs end inside batches
+    n = len(DEMO_CLASSES)  # one image per class
+    cfg = tiny_cfg(tmp_path, batch=3)  # n = 8 images, batch 3: epochs end inside batches
+    assert n % 3
     batches = take(make_local_data_iterator(cfg), 6)
     first = batches[0]
-    assert first["collated_global_crops"].shape == (8, 3, 28, 28)
-    assert first["collated_local_crops"].shape == (8, 3, 14, 14)
-    assert first["collated_masks"].shape == (8, 16)
-    assert first["labels"].shape == (4,) and first["indices"].shape == (4,)
+    assert first["collated_global_crops"].shape == (6, 3, 28, 28)
+    assert first["collated_local_crops"].shape == (6, 3, 14, 14)
+    assert first["collated_masks"].shape == (6, 16)
+    assert first["labels"].shape == (3,) and first["indices"].shape == (3,)
     seen = torch.cat([b["indices"] for b in batches])
-    assert sorted(seen[:10].tolist()) == list(range(10))  # the first epoch visits every image once
-    assert seen[:10].tolist() != seen[10:20].tolist()  # the second epoch is reshuffled
+    assert sorted(seen[:n].tolist()) == list(range(n))  # the first epoch visits every image once
+    assert seen[:n].tolist() != seen[n : 2 * n].tolist()  # the second epoch is reshuffled
     resumed = take(make_local_data_iterator(cfg, start_iter=3), 3)
     assert_same_batches(resumed, batches[3:])
     rank1 = take(make_local_data_iterator(cfg, rank=1, world_size=2), 1)[0]

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from semlab.data.demo import DEMO_CLASSES
 from semlab.eval.dlc import (
     CODES_FILE,
     HISTOGRAM_FILE,
@@ -106,11 +107,12 @@ def test_extract_dlc_command_on_the_demo(tmp_path, capsys, one_thread):
     finally:
         sys.path.pop(0)
     dataset = "Demo:split=VAL:n_per_class=3"
+    n = 3 * len(DEMO_CLASSES)
     out = tmp_path / "dlc"
     rc = extract_dlc.main(["--config-file", "train/demo_tiny", "--pretrained-weights", str(ckpt), "--dataset",
                            dataset, "--output", str(out), "--batch-size", "7", "--no-progress"])
     assert rc == 0
-    assert "DLC code usage over 30 images" in capsys.readouterr().out
+    assert f"DLC code usage over {n} images" in capsys.readouterr().out
     idx, labels, codes, meta = read_codes_parquet(out / CODES_FILE)
     assert meta["L"] == "16" and meta["V"] == "16" and meta["dataset"] == dataset
     ds = make_dataset(dataset, transform=make_eval_transform(cfg.linear.resize_size, cfg.linear.crop_size))
@@ -118,9 +120,9 @@ def test_extract_dlc_command_on_the_demo(tmp_path, capsys, one_thread):
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
         raw = model.sem_raw(x, temp=cfg.evaluation.sem_temp)
-    assert raw.shape == (30, 16 * 16)
-    assert np.array_equal(codes.astype(np.int64), raw.view(30, 16, 16).argmax(-1).numpy())
-    assert np.array_equal(labels, ds.labels) and np.array_equal(idx, np.arange(30))
+    assert raw.shape == (n, 16 * 16)
+    assert np.array_equal(codes.astype(np.int64), raw.view(n, 16, 16).argmax(-1).numpy())
+    assert np.array_equal(labels, ds.labels) and np.array_equal(idx, np.arange(n))
     usage = json.loads((out / SUMMARY_FILE).read_text())
     assert 1 <= usage["used_vertices"]["min"] <= usage["used_vertices"]["max"] <= 16
     # a plain (non-SEM) model has no codes: a clear error, exit code 2

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from semlab.data.demo import DEMO_CLASSES
 from semlab.eval.linear import (
     BEST_CLASSIFIER_FILE,
     RESULTS_FILE,
@@ -190,14 +191,15 @@ def test_seed_command_runs_on_the_demo(tmp_path):
     assert "val top-1" in proc.stdout and "images/s" in proc.stdout
     res = json.loads((out / RESULTS_FILE).read_text())
     assert res["protocol"] == "cls" and res["iterations"] == 6
-    assert res["sizes"] == {"train": 110, "holdout": 10, "val": 60}  # round(0.1 * 12) = 1 per class
+    c = len(DEMO_CLASSES)  # round(0.1 * 12) = 1 held-out image per class
+    assert res["sizes"] == {"train": 11 * c, "holdout": c, "val": 6 * c}
     assert len(res["classifiers"]) == 2 * 2 * 2  # lrs x n_last_blocks {1,4} x avgpool {no,yes}
     held = {k: v["holdout_top1"] for k, v in res["classifiers"].items()}
     assert held[res["best_classifier"]] == max(held.values()) == res["holdout_top1"]
     assert res["val_top1"] == res["classifiers"][res["best_classifier"]]["val_top1"]
     assert 0.0 <= res["val_top1"] <= res["val_top5"] <= 100.0
     clf, meta = load_linear_classifier(out / BEST_CLASSIFIER_FILE)
-    assert meta["name"] == res["best_classifier"] and clf.num_classes == 10
+    assert meta["name"] == res["best_classifier"] and clf.num_classes == len(DEMO_CLASSES)
     assert clf.in_dim == 96 * meta["n_last_blocks"] + (96 if meta["avgpool"] else 0)
 
 
@@ -216,7 +218,8 @@ def test_sem_protocol_probes_the_raw_simplex_on_parquet_shards(tmp_path, one_thr
     assert rc == 0
     res = json.loads((out / RESULTS_FILE).read_text())
     assert res["protocol"] == "sem" and res["sem_temp"] == pytest.approx(1e-5)
-    assert res["sizes"] == {"train": 50, "holdout": 10, "val": 60}
+    c = len(DEMO_CLASSES)
+    assert res["sizes"] == {"train": 5 * c, "holdout": c, "val": 6 * c}
     assert sorted(res["classifiers"]) == ["sem_lr0_001", "sem_lr0_1"]
     clf, meta = load_linear_classifier(out / BEST_CLASSIFIER_FILE)
     assert clf.in_dim == 16 * 16  # L * V of the demo model

@@ -15,12 +15,13 @@ import torch
 
 from semlab.config import load_config
 from semlab.data import ray_pipeline as rp
+from semlab.data.demo import DEMO_CLASSES
 from semlab.data.shards import prepare_shards
 
 pytestmark = pytest.mark.ray
 
-N_PER_CLASS = 4  # Demo: 10 classes -> 40 TRAIN images
-N = 10 * N_PER_CLASS
+N_PER_CLASS = 4
+N = len(DEMO_CLASSES) * N_PER_CLASS  # TRAIN images of the tiny Demo
 B = 4
 
 

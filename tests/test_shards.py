@@ -165,7 +165,7 @@ def test_local_loader_reads_parquet_shards(tmp_path, demo_str):
     cfg = load_config(
         overrides=[
             f"train.dataset_path=Parquet:path={out}",
-            "train.batch_size_per_gpu=5",
+            "train.batch_size_per_gpu=4",
             "train.num_workers=0",
             "crops.global_crops_size=32",
             "crops.local_crops_size=16",
@@ -175,9 +175,10 @@ def test_local_loader_reads_parquet_shards(tmp_path, demo_str):
     )
     it = make_local_data_iterator(cfg)
     n = len(make_dataset(shards.with_split(demo_str, "TRAIN")))
-    batches = [next(it) for _ in range(n // 5)]
-    assert batches[0]["collated_global_crops"].shape == (10, 3, 32, 32)
-    assert batches[0]["collated_local_crops"].shape == (10, 3, 16, 16)
+    assert n % 4 == 0, "the demo's TRAIN size must fill whole batches of 4 for this check"
+    batches = [next(it) for _ in range(n // 4)]
+    assert batches[0]["collated_global_crops"].shape == (8, 3, 32, 32)
+    assert batches[0]["collated_local_crops"].shape == (8, 3, 16, 16)
     seen = sorted(int(i) for b in batches for i in b["indices"])
     assert seen == list(range(n))  # positions of the Parquet dataset, one epoch, each once
 
