@@ -8,6 +8,7 @@ and the Parquet shard writer read), ``labels`` (np.int64, one per sample, -1 whe
 
 from __future__ import annotations
 
+import abc
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         ) from exc
 
 
-class FileImageDataset(torch.utils.data.Dataset):
+class FileImageDataset(torch.utils.data.Dataset, abc.ABC):
     """Base class: subclasses set ``root``, ``labels``, ``class_ids``, ``class_names`` and implement
     ``relpath(i)`` (the image file of sample ``i`` relative to ``root``)."""
 
@@ -59,8 +60,9 @@ class FileImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.target_transform = target_transform
 
+    @abc.abstractmethod
     def relpath(self, index: int) -> str:
-        raise NotImplementedError
+        """Path of sample ``index`` relative to ``self.root`` (each layout defines it)."""
 
     def path(self, index: int) -> Path:
         """The image file of sample ``index``."""
