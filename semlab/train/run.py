@@ -84,23 +84,17 @@ def knn_report(
     )
 
     def run(model: nn.Module | None, kind: str, dev: torch.device) -> dict[int, dict[str, float]]:
-        xtr, ytr = extract_features(
-            model,
-            train_ds,
-            kind=kind,
-            sem_temp=float(cfg.evaluation.sem_temp),
-            device=dev,
-            pixel_size=PIXEL_SIZE,
-            **common,
-        )
-        xva, yva = extract_features(
-            model,
-            val_ds,
-            kind=kind,
-            sem_temp=float(cfg.evaluation.sem_temp),
-            device=dev,
-            pixel_size=PIXEL_SIZE,
-            **common,
+        (xtr, ytr), (xva, yva) = (
+            extract_features(
+                model,
+                ds,
+                kind=kind,
+                sem_temp=float(cfg.evaluation.sem_temp),
+                device=dev,
+                pixel_size=PIXEL_SIZE,
+                **common,
+            )
+            for ds in (train_ds, val_ds)
         )
         return knn_classify(xtr, ytr, xva, yva, nb_knn=nb_knn, temperature=float(cfg.knn.temperature))
 
