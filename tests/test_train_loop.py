@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from synthetic_batches import synthetic_batch
 
 from semlab.config import load_config
-from semlab.losses import masked_patch_weights
 from semlab.models import build_backbone, load_weights
 from semlab.train.checkpointing import (
     checkpoint_path,
@@ -58,24 +58,7 @@ def tiny_cfg(*overrides):
 
 def batch_at(cfg, it, b=4):
     """A deterministic synthetic batch for iteration ``it``."""
-    g = torch.Generator().manual_seed(1000 + it)
-    gs, ls, n_loc = cfg.crops.global_crops_size, cfg.crops.local_crops_size, cfg.crops.local_crops_number
-    n = (gs // cfg.student.patch_size) ** 2
-    masks = torch.zeros(2 * b, n, dtype=torch.bool)
-    for i in range(b):
-        masks[i, torch.randperm(n, generator=g)[: 1 + i % 2]] = True
-    idx = masks.flatten().nonzero().flatten()
-    return {
-        "collated_global_crops": torch.randn(2 * b, 3, gs, gs, generator=g),
-        "collated_local_crops": torch.randn(n_loc * b, 3, ls, ls, generator=g),
-        "collated_masks": masks,
-        "mask_indices_list": idx,
-        "masks_weight": masked_patch_weights(masks),
-        "n_masked_patches": torch.tensor([idx.numel()]),
-        "upperbound": int(idx.numel()),
-        "labels": torch.zeros(b, dtype=torch.long),
-        "indices": torch.arange(b),
-    }
+    return synthetic_batch(cfg, seed=1000 + it, b=b)
 
 
 def data_factory(cfg, fail_at=None, nan_at=None):
