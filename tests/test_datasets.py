@@ -279,7 +279,7 @@ def test_demo_dataset_balance_and_format(tmp_path: Path) -> None:
 def test_demo_default_root_and_incomplete_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEMLAB_CACHE", str(tmp_path / "cache"))
     assert default_demo_root() == tmp_path / "cache" / DEMO_VERSION
-    assert DEMO_VERSION == "demo-v2"  # the texture demo: a v1 cache (shape demo) must not be reused
+    assert DEMO_VERSION == "demo-v3"  # grey textures: a v1 (shapes) or v2 (mosaics) cache must not be reused
     (tmp_path / "val-n1").mkdir()
     with pytest.raises(DatasetError, match="delete it"):
         ensure_demo_split(tmp_path, "VAL", 1)

@@ -312,6 +312,16 @@ def test_single_process_is_a_noop():
     _assert_states_close(model.state_dict(), before, atol=0.0, rtol=0.0)
 
 
+def test_force_shard_needs_a_process_group():
+    from semlab.config import load_config
+    from semlab.train.meta_arch import SSLMetaArch
+    from semlab.train.parallel import ParallelError, parallelize
+
+    cfg = load_config("demo_tiny", TINY)
+    with pytest.raises(ParallelError, match="init_process_group"):
+        parallelize(SSLMetaArch(cfg), cfg, "cpu", force_shard=True)
+
+
 def test_bad_strategy_is_a_clear_error():
     from semlab.config import load_config
     from semlab.train.parallel import ParallelError, resolve_strategy

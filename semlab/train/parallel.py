@@ -207,17 +207,25 @@ def _check_meta_arch(meta_arch: nn.Module) -> None:
             )
 
 
-def parallelize(meta_arch: nn.Module, cfg: DictConfig, device: torch.device | str) -> nn.Module:
+def parallelize(
+    meta_arch: nn.Module, cfg: DictConfig, device: torch.device | str, force_shard: bool = False
+) -> nn.Module:
     """Move ``meta_arch`` to ``device`` and make it data parallel over the default process group.
 
     Returns the same object (modified in place). Call it before building the optimizer. No-op
-    beyond the move when there is no process group or a single rank.
+    beyond the move when there is no process group or a single rank, unless ``force_shard`` (with
+    a one-rank process group): then FSDP2 wraps the model anyway, so that the sharded path (bf16
+    parameters, DTensor clipping and EMA) can be exercised on a single GPU.
     """
     _check_meta_arch(meta_arch)
     device = torch.device(device)
     meta_arch.to(device)
     world = world_size()
-    if world == 1:
+    if force_shard and not (dist.is_available() and dist.is_initialized()):
+        raise ParallelError(
+            "force_shard needs a process group: call torch.distributed.init_process_group first"
+        )
+    if world == 1 and not force_shard:
         return meta_arch
     strategy = resolve_strategy(cfg)
     towers = [meta_arch.student, meta_arch.teacher]

@@ -1,0 +1,57 @@
+"""benchmarks/train_step.py runs end to end on CPU (the GPU figures in RESULTS.md come from the same code)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "student.embed_dim=48",
+    "student.depth=2",
+    "student.num_heads=3",
+    "student.img_size=28",
+    "crops.global_crops_size=28",
+    "crops.local_crops_size=14",
+    "crops.local_crops_number=2",
+    "dino.head_n_prototypes=64",
+    "ibot.head_n_prototypes=64",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["single", "fsdp2-one-rank"])
+def test_train_step_benchmark_cpu_smoke(fsdp: bool) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu"]
+    cmd += ["--config-file", "train/demo_tiny", "--batch", "2", "--warmup", "1", "--steps", "2", *TINY]
+    if fsdp:
+        cmd.append("--fsdp")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fsdp"] is fsdp and result["batch"] == 2 and result["steps"] == 2
+    assert result["losses_finite"] is True and result["images_per_s"] > 0
+    assert set(result["losses"]) >= {"dino_global_crops_loss", "ibot_loss", "total"}
+
+
+def test_train_step_benchmark_refuses_cuda_without_gpu() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal only applies without one")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--config-file", "train/demo_tiny"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode != 0 and "--device cpu" in out.stderr
