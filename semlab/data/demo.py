@@ -1,24 +1,29 @@
 """The embedded demo dataset: 8 texture classes, procedurally generated, shipped as code.
 
-Label encoding. Each image (112 x 112 RGB, JPEG quality 90) is a mosaic of 3 to 6 Voronoi cells, and every
-cell is filled with the SAME class-specific binary texture -- ``stripes``, ``checker``, ``dots``, ``grid``,
-``zigzag``, ``crosses``, ``rings`` or ``blocks`` -- drawn in two colours. All the other properties are drawn
-independently PER CELL: the texture's orientation, period (``PERIOD_RANGE`` pixels), phase, the two colours
-and which of them is the lighter one. The whole image then gets i.i.d. Gaussian pixel noise.
+Label encoding. Each image (112 x 112, stored as RGB JPEG quality 90) is one class-specific binary texture
+-- ``stripes``, ``checker``, ``dots``, ``grid``, ``zigzag``, ``crosses``, ``rings`` or ``blocks`` -- drawn in
+two grey levels over the whole image. Everything else is drawn independently PER IMAGE: the texture's
+orientation, period (``PERIOD_RANGE`` pixels), phase, the two grey levels and which of them is the lighter
+one; then i.i.d. Gaussian pixel noise.
 
 Why. (1) The class is present in every part of the image, so it is present in every DINO crop, local crops
 (5-32 % of the area) included; a period of at least ``PERIOD_RANGE[0]`` pixels survives the rescaling and the
-Gaussian blur of the augmentation. (2) No nuisance variable is global to an image: orientation, scale, phase
-and colour change from cell to cell, so two crops of one image share only the texture type, and
-self-distillation has nothing but the class to agree on (a demo with per-image background colour fields,
-oriented background textures and shape colours let DINO match crops on those cues instead of the class).
-(3) The two colours of a cell differ in luma by at least ``MIN_LUMA_CONTRAST``, so the texture survives colour
-jitter, grayscale and solarize. (4) Raw pixels are a weak cue: a pooled pixel vector sees mostly the random
-per-cell mean colours, and the random orientation/phase decorrelates the textures pixel by pixel.
+Gaussian blur of the augmentation. (2) Two crops of one image share the texture and its orientation and
+period (up to DINOv2's flips and scale changes), so self-distillation has a consistent signal to start from;
+the nuisances it has to become invariant to -- brightness, contrast, scale, position, flip -- are exactly
+the ones the DINOv2 augmentation varies between crops. (3) The two grey levels differ by at least
+``MIN_LUMA_CONTRAST``, so the texture survives colour jitter, grayscale and solarize. (4) Raw pixels are a
+weak cue: the random orientation and phase decorrelate the textures pixel by pixel, and the grey levels
+vary more between images than between classes.
+
+History. demo-v1 (shapes on per-image colour fields) let DINO match crops on the background colour instead
+of the class; demo-v2 (Voronoi mosaics with orientation, period and colours drawn per cell) gave crops
+almost nothing in common but the class, and DINO collapsed to uniform targets from a random init in every
+configuration tried (benchmarks/RESULTS.md).
 
 Every image is a pure function of ``(DEMO_SEED, split, class, index)``: the data are reproducible
 bit for bit and a larger ``n_per_class`` only adds images. They are generated on first use into a
-cache folder (``$SEMLAB_CACHE/demo-v2``, default ``~/.cache/semlab/demo-v2``, or ``root=``) with the
+cache folder (``$SEMLAB_CACHE/demo-v3``, default ``~/.cache/semlab/demo-v3``, or ``root=``) with the
 layout ``<root>/<split>/<class>/<class>_<index>.jpg``; each split folder is generated into a temporary
 folder and renamed into place, so concurrent first use by several processes is safe.
 """
@@ -40,22 +45,21 @@ from PIL import Image
 
 from semlab.data.image_folder import DatasetError, ImageFolder
 
-DEMO_VERSION = "demo-v2"
+DEMO_VERSION = "demo-v3"
 DEMO_SEED = 20240601
 DEMO_CLASSES = ("stripes", "checker", "dots", "grid", "zigzag", "crosses", "rings", "blocks")
 DEMO_IMAGE_SIZE = 112
 DEMO_JPEG_QUALITY = 90
 DEMO_N_PER_CLASS = {"TRAIN": 250, "VAL": 50}
-MIN_LUMA_CONTRAST = 80.0
+MIN_LUMA_CONTRAST = 90.0  # grey-level difference between ink and paper
 PERIOD_RANGE = (11.0, 18.0)  # texture period in pixels of the 112-pixel image
-CELLS_RANGE = (3, 6)  # Voronoi cells per image (inclusive)
 _SPLIT_CODES = {"TRAIN": 0, "VAL": 1}
 _SUPERSAMPLE = 2
 _COMPLETE_MARKER = ".complete"
 
 
 def default_demo_root() -> Path:
-    """``$SEMLAB_CACHE/demo-v2`` if ``SEMLAB_CACHE`` is set, else ``~/.cache/semlab/demo-v2``."""
+    """``$SEMLAB_CACHE/<DEMO_VERSION>`` if ``SEMLAB_CACHE`` is set, else under ``~/.cache/semlab``."""
     base = os.environ.get("SEMLAB_CACHE")
     return (Path(base) if base else Path("~/.cache/semlab")).expanduser() / DEMO_VERSION
 
@@ -84,7 +88,7 @@ def _texture(name: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) 
     if name == "crosses":  # a lattice of small plus signs
         cu, cv = np.abs(_centred(u)), np.abs(_centred(v))
         return ((cu < 0.1) & (cv < 0.36)) | ((cv < 0.1) & (cu < 0.36))
-    if name == "rings":  # concentric circles around a point of the cell
+    if name == "rings":  # concentric circles around a random point near the origin
         cx, cy = rng.uniform(-0.5, 0.5, size=2)
         return _centred(np.hypot(u - cx, v - cy)) < 0.0
     if name == "blocks":  # random on/off squares of half a period (binary noise on a lattice)
@@ -93,58 +97,33 @@ def _texture(name: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) 
     raise ValueError(f"unknown demo class {name!r}")
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-
-
-def _colour_with_luma(rng: np.random.Generator, luma: float) -> np.ndarray:
-    """A random colour of moderate saturation, shifted to the given luma."""
-    grey = np.full(3, luma)
-    colour = grey + rng.uniform(-60.0, 60.0, size=3)
-    colour += luma - float(_luma(colour))
-    return np.clip(colour, 0.0, 255.0)
-
-
-def _cell_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(ink, paper) colours whose lumas differ by at least ``MIN_LUMA_CONTRAST``; either may be lighter."""
-    dark = rng.uniform(25.0, 255.0 - MIN_LUMA_CONTRAST - 25.0 - 40.0)
-    light = dark + rng.uniform(MIN_LUMA_CONTRAST + 10.0, min(150.0, 230.0 - dark))
-    a, b = _colour_with_luma(rng, dark), _colour_with_luma(rng, light)
-    return (a, b) if rng.random() < 0.5 else (b, a)
-
-
-def _voronoi_labels(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size) integer map of the nearest of ``n`` random seed points (the cells)."""
-    n = int(rng.integers(CELLS_RANGE[0], CELLS_RANGE[1] + 1))
-    seeds = rng.uniform(0.0, size, size=(n, 2))
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    d = (xx[None] - seeds[:, 0, None, None]) ** 2 + (yy[None] - seeds[:, 1, None, None]) ** 2
-    return np.argmin(d, axis=0)
+def _grey_levels(rng: np.random.Generator) -> tuple[float, float]:
+    """(ink, paper) grey levels that differ by at least ``MIN_LUMA_CONTRAST``; either may be lighter."""
+    dark = rng.uniform(15.0, 110.0)
+    light = dark + rng.uniform(MIN_LUMA_CONTRAST, min(220.0, 245.0 - dark))
+    return (dark, light) if rng.random() < 0.5 else (light, dark)
 
 
 def render_demo_image(class_index: int, rng: np.random.Generator, size: int = DEMO_IMAGE_SIZE) -> Image.Image:
-    """One demo image of class ``DEMO_CLASSES[class_index]`` drawn from ``rng`` (see the module doc)."""
+    """One demo image of class ``DEMO_CLASSES[class_index]`` drawn from ``rng`` (see the module doc).
+
+    With orientation ``theta``, period ``p`` and origin ``o`` (near the centre, so that rings are centred in
+    the image), pixel ``x`` reads the texture at ``(u, v) = R(-theta) (x - o) / p``.
+    """
     name = DEMO_CLASSES[class_index]
     big = size * _SUPERSAMPLE
-    cells = _voronoi_labels(rng, big)
+    theta = rng.uniform(0.0, 2.0 * math.pi)
+    period = rng.uniform(*PERIOD_RANGE)
+    ink, paper = _grey_levels(rng)
+    origin = size / 2.0 + rng.uniform(-period, period, size=2)
     yy, xx = np.mgrid[0:big, 0:big].astype(np.float64) / _SUPERSAMPLE
-    image = np.zeros((big, big, 3), dtype=np.float64)
-    for cell in range(int(cells.max()) + 1):
-        inside = cells == cell
-        if not inside.any():
-            continue
-        theta = rng.uniform(0.0, 2.0 * math.pi)
-        period = rng.uniform(*PERIOD_RANGE)
-        # the texture's origin near the cell's centroid (so that rings are centred inside their cell)
-        ox, oy = np.array([xx[inside].mean(), yy[inside].mean()]) + rng.uniform(-period, period, size=2)
-        x, y = xx[inside] - ox, yy[inside] - oy
-        u = (x * math.cos(theta) + y * math.sin(theta)) / period
-        v = (-x * math.sin(theta) + y * math.cos(theta)) / period
-        on = _texture(name, u, v, rng)
-        ink, paper = _cell_colours(rng)
-        image[inside] = np.where(on[:, None], ink[None, :], paper[None, :])
-    small = image.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE, 3).mean(axis=(1, 3))
-    small += rng.normal(0.0, rng.uniform(3.0, 8.0), size=small.shape)
+    x, y = xx - origin[0], yy - origin[1]
+    u = (x * math.cos(theta) + y * math.sin(theta)) / period
+    v = (-x * math.sin(theta) + y * math.cos(theta)) / period
+    image = np.where(_texture(name, u, v, rng), ink, paper)
+    small = image.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+    noise = rng.normal(0.0, rng.uniform(3.0, 8.0), size=(size, size, 3))
+    small = np.repeat(small[..., None], 3, axis=2) + noise
     return Image.fromarray(np.clip(np.rint(small), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -224,7 +203,7 @@ def ensure_demo_split(root: str | os.PathLike | None, split: str, n_per_class: i
 
 
 class DemoDataset(ImageFolder):
-    """``Demo:split=TRAIN|VAL[:root=<cache dir>][:n_per_class=<n>]``: the embedded shapes dataset."""
+    """``Demo:split=TRAIN|VAL[:root=<cache dir>][:n_per_class=<n>]``: the embedded texture dataset."""
 
     def __init__(
         self,

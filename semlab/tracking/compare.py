@@ -7,7 +7,8 @@ The chart (PNG, matplotlib Agg) has three panels:
 3. the loss curves (metric history of ``total`` by default) of every run.
 
 Accuracy is the first metric present among ``linear_sem_top1``, ``linear_top1``,
-``knn_top1_k20``, ``knn_top1_teacher`` (the k-NN a Ray run reports; or those given); each gets its own marker so mixed runs stay readable.
+``knn_top1_k20``, ``knn_top1_teacher`` (the k-NN a Ray run reports; or those given); each gets its own
+marker so mixed runs stay readable.
 Evaluation child runs (tag ``mlflow.parentRunId``) are not drawn: their metrics are already on
 their pretraining run.
 """
