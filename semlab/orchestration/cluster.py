@@ -149,3 +149,25 @@ def cluster_resources() -> dict[str, float]:
     import ray
 
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def require_state_api(timeout_s: float = 10.0) -> None:
+    """Raise :class:`ClusterError` unless the connected cluster answers Ray's state API (its dashboard).
+
+    Needed by Tune sweeps: when a ``TorchTrainer`` runs inside a Tune trial, the placement group of its
+    workers is released after the trial by Ray Train's ``PlacementGroupCleaner``, which watches the
+    trainer's controller through the state API. Without it every finished trial keeps its workers'
+    CPUs/GPUs reserved and the sweep stalls once they add up to the cluster (seen with Ray 2.60).
+    """
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=timeout_s)
+    except RayStateApiException as exc:
+        raise ClusterError(
+            "this Ray cluster has no state API (no dashboard), which a Tune sweep needs so that Ray Train "
+            "can release each finished trial's workers. Install ray[default] and start the cluster with its "
+            "dashboard (the default; `ray start --head --include-dashboard=true`), or run the trials one by "
+            f"one with experiments/pretrain.py. Ray said: {str(exc).splitlines()[0]}"
+        ) from exc

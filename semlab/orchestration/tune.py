@@ -94,18 +94,22 @@ def run_sweep(
     name: str = "sem_sweep",
     mlflow: bool = True,
 ) -> Any:
-    """Grid over ``L_values`` x ``temp_values``; returns the Tune ``ResultGrid`` (Ray must be initialised).
+    """Grid over ``L_values`` x ``temp_values``; returns the Tune ``ResultGrid`` (Ray must be initialised,
+    with its dashboard: see :func:`semlab.orchestration.cluster.require_state_api`).
 
     ``max_concurrent_trials`` bounds how many pretrainings share the cluster at once; each one asks
     for ``ray.num_workers`` workers of ``ray.cpus_per_worker`` CPUs (and GPUs).
     """
     from ray import tune
 
+    from semlab.orchestration.cluster import require_state_api
+
     if not L_values or not temp_values:
         raise ValueError("a sweep needs at least one value of student.L and one of student.temp")
     bad = [t for t in temp_values if float(t) <= 0]
     if bad:
         raise ValueError(f"student.temp values must be > 0, got {bad}")
+    require_state_api()
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     param_space = {

@@ -1,0 +1,104 @@
+"""A real Ray Tune sweep over the SEM temperature on a private local Ray cluster (2 CPUs).
+
+The cluster is started the way ``experiments/sweep.py`` starts one (``start_local``: loopback,
+dashboard on 127.0.0.1): the sweep needs the dashboard's state API (see ``require_state_api``).
+Each trial is a ``TorchTrainer`` fit of the tiny demo model for 4 iterations on a small Demo split,
+followed by the k-NN that the sweep ranks by.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+from test_ray_train import FAST_RAY_TRAIN, TINY  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    import ray
+
+    from semlab.orchestration.cluster import start_local
+
+    saved = {k: os.environ.get(k) for k in FAST_RAY_TRAIN}
+    os.environ.update(FAST_RAY_TRAIN)
+    temp_dir = tempfile.mkdtemp(prefix="semlab-tune-", dir="/tmp")
+    start_local(num_cpus=2, object_store_memory_gb=0.3, temp_dir=temp_dir)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_tune_sweep_runs_every_trial_and_resumes(local_cluster, tmp_path, monkeypatch):
+    """Every trial finishes with its k-NN and trains the config it was given; running the same sweep
+    again resumes the finished trials (same k-NN, no checkpoint rewritten) instead of training anew."""
+    from semlab.config import load_config
+    from semlab.orchestration.tune import KNN_METRIC, run_sweep, summarize
+
+    monkeypatch.setenv("SEMLAB_CACHE", str(tmp_path / "cache"))
+    small = ["train.dataset_path=Demo:split=TRAIN:n_per_class=4"]
+    small += [f"evaluation.knn_dataset_{s.lower()}=Demo:split={s}:n_per_class=3" for s in ("TRAIN", "VAL")]
+    cfg = load_config(
+        "demo_tiny",
+        [*TINY, *small, "ray.num_workers=1", "train.batch_size_per_gpu=4", "train.max_iterations=4",
+         "knn.nb_knn=[2]", "knn.batch_size=32"],
+    )  # fmt: skip
+    sweep = tmp_path / "sweep"
+    rows = summarize(run_sweep(cfg, sweep, [4], [0.5, 1.0], mlflow=False), KNN_METRIC)
+    assert [r["error"] for r in rows] == [None, None]
+    assert sorted(r["student.temp"] for r in rows) == [0.5, 1.0]
+    assert all(0.0 <= r[KNN_METRIC] <= 100.0 for r in rows)
+    for temp in ("0.5", "1"):
+        trial = sweep / f"L4_temp{temp}"
+        saved = load_config(str(trial / "config.yaml"))
+        assert saved.student.temp == float(temp) and saved.student.L == 4
+        stored = sorted(p.name for p in (sweep / "ray_results" / trial.name).glob("checkpoint_0*"))
+        assert stored == ["checkpoint_0000001", "checkpoint_0000003"]
+    first = {r["student.temp"]: r[KNN_METRIC] for r in rows}
+    ckpts = sorted(sweep.glob("ray_results/L4_temp*/checkpoint_*/model_*.pth"))
+    mtimes = {p: p.stat().st_mtime_ns for p in ckpts}
+    assert len(ckpts) == 4  # 2 trials x checkpoints of iterations 1 and 3 (ray.num_to_keep=2)
+
+    again = summarize(run_sweep(cfg, sweep, [4], [0.5, 1.0], mlflow=False), KNN_METRIC)
+    assert [r["error"] for r in again] == [None, None]
+    assert {r["student.temp"]: r[KNN_METRIC] for r in again} == first
+    assert {
+        p: p.stat().st_mtime_ns for p in sorted(sweep.glob("ray_results/L4_temp*/checkpoint_*/model_*.pth"))
+    } == mtimes
+
+
+def test_sweep_without_state_api_is_a_clear_error(tmp_path):
+    """On a cluster without a dashboard the sweep refuses to start instead of stalling later."""
+    code = (
+        "import ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False)\n"
+        "from semlab.config import load_config\n"
+        "from semlab.orchestration.tune import run_sweep\n"
+        f"run_sweep(load_config('demo_tiny'), {str(tmp_path / 'sweep')!r}, [4], [1.0])\n"
+    )
+    ray_tmp = tempfile.mkdtemp(prefix="semlab-nodash-", dir="/tmp")  # short: Ray's socket paths are limited
+    try:
+        env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode != 0
+    assert "no state API" in done.stderr and "dashboard" in done.stderr
+    assert not (Path(tmp_path) / "sweep").exists()  # nothing was written
