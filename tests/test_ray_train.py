@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from ray_session import ray_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,30 +47,17 @@ TINY = [
     # exact 1-vs-2-worker equivalence: no per-rank KoLeo, no iBOT masks
     "dino.koleo_loss_weight=0.0", "ibot.loss_weight=0.0", "ibot.mask_sample_probability=0.0",
 ]  # fmt: skip
-FAST_RAY_TRAIN = {  # quicker failure detection and no preemption watcher: test speed only
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
-    saved = {k: os.environ.get(k) for k in FAST_RAY_TRAIN}
-    os.environ.update(FAST_RAY_TRAIN)
-    temp_dir = tempfile.mkdtemp(prefix="semlab-rt-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, _temp_dir=temp_dir)
-    try:
+    def start(temp_dir: str) -> None:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, _temp_dir=temp_dir)
+
+    with ray_session(start, "semlab-rt-"):
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _fit(workers: int, iterations: int, out: Path, name: str, fault: dict | None = None):

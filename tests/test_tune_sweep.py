@@ -19,29 +19,44 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-from test_ray_train import FAST_RAY_TRAIN, TINY  # noqa: E402
+from ray_session import ray_session  # noqa: E402
+from test_ray_train import TINY  # noqa: E402
+
+
+def _sweep_in_subprocess(tmp_path: Path) -> subprocess.CompletedProcess:
+    """Start a private Ray cluster without a dashboard in a subprocess and try a sweep on it."""
+    code = (
+        "import ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False)\n"
+        "from semlab.config import load_config\n"
+        "from semlab.orchestration.tune import run_sweep\n"
+        f"run_sweep(load_config('demo_tiny'), {str(tmp_path / 'sweep')!r}, [4], [1.0])\n"
+    )
+    ray_tmp = tempfile.mkdtemp(prefix="semlab-nodash-", dir="/tmp")  # short: Ray's socket paths are limited
+    try:
+        env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_sweep_without_state_api_is_a_clear_error(tmp_path):
+    """On a cluster without a dashboard the sweep refuses to start instead of stalling later (runs first
+    in this module, while no other Ray cluster is up)."""
+    done = _sweep_in_subprocess(tmp_path)
+    assert done.returncode != 0
+    assert "no state API" in done.stderr and "dashboard" in done.stderr
+    assert not (tmp_path / "sweep").exists()  # nothing was written
 
 
 @pytest.fixture(scope="module")
 def local_cluster():
-    import ray
-
     from semlab.orchestration.cluster import start_local
 
-    saved = {k: os.environ.get(k) for k in FAST_RAY_TRAIN}
-    os.environ.update(FAST_RAY_TRAIN)
-    temp_dir = tempfile.mkdtemp(prefix="semlab-tune-", dir="/tmp")
-    start_local(num_cpus=2, object_store_memory_gb=0.3, temp_dir=temp_dir)
-    try:
+    with ray_session(lambda temp_dir: start_local(2, None, 0.3, temp_dir), "semlab-tune-"):
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_tune_sweep_runs_every_trial_and_resumes(local_cluster, tmp_path, monkeypatch):
@@ -82,23 +97,9 @@ def test_tune_sweep_runs_every_trial_and_resumes(local_cluster, tmp_path, monkey
     } == mtimes
 
 
-def test_sweep_without_state_api_is_a_clear_error(tmp_path):
-    """On a cluster without a dashboard the sweep refuses to start instead of stalling later."""
-    code = (
-        "import ray\n"
-        "ray.init(num_cpus=1, include_dashboard=False)\n"
-        "from semlab.config import load_config\n"
-        "from semlab.orchestration.tune import run_sweep\n"
-        f"run_sweep(load_config('demo_tiny'), {str(tmp_path / 'sweep')!r}, [4], [1.0])\n"
-    )
-    ray_tmp = tempfile.mkdtemp(prefix="semlab-nodash-", dir="/tmp")  # short: Ray's socket paths are limited
-    try:
-        env = dict(os.environ, RAY_TMPDIR=ray_tmp)
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+def test_sweep_with_two_clusters_on_the_machine_is_a_clear_error(local_cluster, tmp_path):
+    """With this module's cluster up, a second one makes the state API ambiguous: refused, nothing written."""
+    done = _sweep_in_subprocess(tmp_path)
     assert done.returncode != 0
-    assert "no state API" in done.stderr and "dashboard" in done.stderr
-    assert not (Path(tmp_path) / "sweep").exists()  # nothing was written
+    assert "several run on this machine" in done.stderr
+    assert not (tmp_path / "sweep").exists()

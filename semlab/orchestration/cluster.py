@@ -152,12 +152,14 @@ def cluster_resources() -> dict[str, float]:
 
 
 def require_state_api(timeout_s: float = 10.0) -> None:
-    """Raise :class:`ClusterError` unless the connected cluster answers Ray's state API (its dashboard).
+    """Raise :class:`ClusterError` unless Ray's state API answers the way Ray Train will query it.
 
     Needed by Tune sweeps: when a ``TorchTrainer`` runs inside a Tune trial, the placement group of its
     workers is released after the trial by Ray Train's ``PlacementGroupCleaner``, which watches the
-    trainer's controller through the state API. Without it every finished trial keeps its workers'
-    CPUs/GPUs reserved and the sweep stalls once they add up to the cluster (seen with Ray 2.60).
+    trainer's controller through the state API, resolving the cluster as this call does (no address).
+    If that fails -- the cluster has no dashboard, or several Ray clusters run on this machine and the
+    state API cannot tell which one is meant -- every finished trial keeps its workers' CPUs/GPUs
+    reserved and the sweep stalls once they add up to the cluster (seen with Ray 2.60).
     """
     from ray.util.state import list_nodes
     from ray.util.state.exception import RayStateApiException
@@ -170,4 +172,10 @@ def require_state_api(timeout_s: float = 10.0) -> None:
             "can release each finished trial's workers. Install ray[default] and start the cluster with its "
             "dashboard (the default; `ray start --head --include-dashboard=true`), or run the trials one by "
             f"one with experiments/pretrain.py. Ray said: {str(exc).splitlines()[0]}"
+        ) from exc
+    except ConnectionError as exc:
+        raise ClusterError(
+            "Ray's state API cannot tell which Ray cluster to query (several run on this machine), so Ray "
+            "Train could not release each finished trial's workers and the sweep would stall. Stop the other "
+            f"clusters (`ray stop`, or end the processes that started them). Ray said: {exc}"
         ) from exc
