@@ -32,7 +32,7 @@ import torch
 from semlab.config import apply_scaling_rules, load_config
 from semlab.data.collate import collate_data_and_cast
 from semlab.data.loaders import make_masking
-from semlab.train.loop import _clip_gradients
+from semlab.train.loop import clip_student_gradients
 from semlab.train.meta_arch import SSLMetaArch
 from semlab.train.parallel import parallelize
 from semlab.train.param_groups import apply_optim_schedule, build_optimizer
@@ -116,7 +116,7 @@ def main() -> None:
         apply_optim_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
         optimizer.zero_grad(set_to_none=True)
         losses = model.forward_backward(batch, teacher_temp=sched["teacher_temp"])
-        _clip_gradients(model, float(cfg.optim.clip_grad or 0.0))
+        clip_student_gradients(model, float(cfg.optim.clip_grad or 0.0))
         optimizer.step()
         model.update_teacher(sched["mom"])
         return losses

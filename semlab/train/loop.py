@@ -125,7 +125,7 @@ def _reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, values.cpu().tolist()))
 
 
-def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+def clip_student_gradients(model: torch.nn.Module, max_norm: float) -> float:
     """Clip each student module's gradient norm separately (as the reference); return the total norm."""
     sq = 0.0
     for module in model.student.values():
@@ -223,7 +223,7 @@ def do_train(
             losses = _reduce_losses(loss_dict)
             if not all(math.isfinite(v) for v in losses.values()):
                 raise NonFiniteLossError(it, losses, last_ckpt)
-            grad_norm = _clip_gradients(model, clip)
+            grad_norm = clip_student_gradients(model, clip)
             optimizer.step()
             model.update_teacher(sched["mom"])
 
