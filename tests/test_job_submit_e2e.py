@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ray_session import proc_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "experiments" / "pretrain.py"
@@ -85,26 +86,9 @@ def _ray(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Co
     return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process visible in /proc (Linux)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (ppid, cmdline)
-    return table
-
-
 def _stop_head(temp_dir: str) -> None:
     """Terminate the processes of the head started with ``--temp-dir temp_dir`` and their descendants."""
-    table = _proc_table()
+    table = proc_table()
     own = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd} - {os.getpid()}
     frontier = set(own)
     while frontier:

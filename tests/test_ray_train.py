@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_session import ray_session
+from ray_session import proc_table, ray_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -104,26 +104,9 @@ def _assert_no_corrupt_checkpoints(out: Path, storage: Path) -> None:
     assert not leftovers, f"temporary files left behind: {leftovers}"
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process visible in /proc (Linux)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (ppid, cmdline)
-    return table
-
-
 def _train_workers() -> list[int]:
     """pids of the Ray Train worker processes of this test's cluster (descendants of this process)."""
-    table = _proc_table()
+    table = proc_table()
     mine, frontier = set(), {os.getpid()}
     while frontier:
         frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - mine
