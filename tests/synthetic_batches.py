@@ -4,6 +4,28 @@ import torch
 
 from semlab.losses.ibot import masked_patch_weights
 
+# A tiny SSL model and crop geometry on top of train/demo_tiny, shared by the meta-arch and loop tests
+TINY_SSL = [
+    "student.embed_dim=24",
+    "student.depth=2",
+    "student.num_heads=2",
+    "student.img_size=28",
+    "student.patch_size=14",
+    "student.num_register_tokens=2",
+    "student.L=4",
+    "student.V=4",
+    "crops.global_crops_size=28",
+    "crops.local_crops_size=14",
+    "crops.local_crops_number=2",
+    "dino.head_n_prototypes=32",
+    "dino.head_bottleneck_dim=8",
+    "dino.head_hidden_dim=16",
+    "ibot.head_n_prototypes=32",
+    "ibot.head_bottleneck_dim=8",
+    "ibot.head_hidden_dim=16",
+    "train.batch_size_per_gpu=4",
+]
+
 
 def synthetic_batch(cfg, seed=0, b=4, mask=True):
     """A deterministic batch dict (see docs/architecture.md) of random crops for ``cfg``'s crop sizes.

@@ -3,32 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from synthetic_batches import synthetic_batch
+from synthetic_batches import TINY_SSL, synthetic_batch
 
 from semlab.config import load_config
 from semlab.models import build_backbone
 from semlab.train.meta_arch import SSLMetaArch
 
 TINY = [
-    "student.embed_dim=24",
-    "student.depth=2",
-    "student.num_heads=2",
-    "student.img_size=28",
-    "student.patch_size=14",
-    "student.num_register_tokens=2",
-    "student.L=4",
-    "student.V=4",
+    *TINY_SSL,
     "student.layerscale=1e-5",
-    "crops.global_crops_size=28",
-    "crops.local_crops_size=14",
-    "crops.local_crops_number=2",
-    "dino.head_n_prototypes=32",
-    "dino.head_bottleneck_dim=8",
-    "dino.head_hidden_dim=16",
-    "ibot.head_n_prototypes=32",
-    "ibot.head_bottleneck_dim=8",
-    "ibot.head_hidden_dim=16",
-    "train.batch_size_per_gpu=4",
 ]
 
 
