@@ -25,6 +25,24 @@ TINY_SSL = [
     "ibot.head_hidden_dim=16",
     "train.batch_size_per_gpu=4",
 ]
+# A 48-d, 3-head tiny SSL model and crops: the one the parallel, Ray Train, job and benchmark tests train
+TINY_SSL_48 = [
+    "student.embed_dim=48",
+    "student.depth=2",
+    "student.num_heads=3",
+    "student.img_size=28",
+    "student.L=4",
+    "student.V=4",
+    "dino.head_n_prototypes=64",
+    "dino.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16",
+    "ibot.head_n_prototypes=64",
+    "ibot.head_hidden_dim=32",
+    "ibot.head_bottleneck_dim=16",
+    "crops.global_crops_size=28",
+    "crops.local_crops_size=14",
+    "crops.local_crops_number=2",
+]
 
 
 def synthetic_batch(cfg, seed=0, b=4, mask=True):

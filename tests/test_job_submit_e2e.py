@@ -29,26 +29,13 @@ from pathlib import Path
 
 import pytest
 from ray_session import proc_table
+from synthetic_batches import TINY_SSL_48
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "experiments" / "pretrain.py"
 JOB_TIMEOUT_S = 300
 TINY = [
-    "student.embed_dim=48",
-    "student.depth=2",
-    "student.num_heads=3",
-    "student.L=4",
-    "student.V=4",
-    "dino.head_n_prototypes=64",
-    "dino.head_hidden_dim=32",
-    "dino.head_bottleneck_dim=16",
-    "ibot.head_n_prototypes=64",
-    "ibot.head_hidden_dim=32",
-    "ibot.head_bottleneck_dim=16",
-    "crops.global_crops_size=28",
-    "crops.local_crops_size=14",
-    "crops.local_crops_number=2",
-    "student.img_size=28",
+    *TINY_SSL_48,
     "train.batch_size_per_gpu=4",
     "train.num_workers=0",
     "train.max_iterations=4",

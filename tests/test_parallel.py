@@ -25,31 +25,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic_batches import TINY_SSL_48
 
 HERE = Path(__file__).resolve()
 GLOBAL_BATCH = 4
 STEPS = 2
 TIMEOUT_S = 150
 TINY = [
+    *TINY_SSL_48,
     "student.arch=vit_tiny",
-    "student.embed_dim=48",
-    "student.depth=2",
-    "student.num_heads=3",
     "student.patch_size=14",
-    "student.img_size=28",
     "student.num_register_tokens=2",
-    "student.L=4",
-    "student.V=4",
     "student.drop_path_rate=0.0",
-    "dino.head_n_prototypes=64",
-    "dino.head_hidden_dim=32",
-    "dino.head_bottleneck_dim=16",
-    "ibot.head_n_prototypes=64",
-    "ibot.head_hidden_dim=32",
-    "ibot.head_bottleneck_dim=16",
-    "crops.global_crops_size=28",
-    "crops.local_crops_size=14",
-    "crops.local_crops_number=2",
     "train.centering=sinkhorn_knopp",
     "dino.koleo_loss_weight=0.0",  # KoLeo is per-rank by design
     f"train.batch_size_per_gpu={GLOBAL_BATCH}",

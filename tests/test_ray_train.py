@@ -30,23 +30,29 @@ from pathlib import Path
 import pytest
 import torch
 from ray_session import proc_table, ray_session
+from synthetic_batches import TINY_SSL_48
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 GLOBAL_BATCH = 8
 LONG = 30  # iterations of the baseline and of the resumed run
 TINY = [
-    "student.embed_dim=48", "student.depth=2", "student.num_heads=3", "student.L=4", "student.V=4",
-    "student.img_size=28", "dino.head_n_prototypes=64", "dino.head_hidden_dim=32",
-    "dino.head_bottleneck_dim=16", "ibot.head_n_prototypes=64", "ibot.head_hidden_dim=32",
-    "ibot.head_bottleneck_dim=16", "crops.global_crops_size=28", "crops.local_crops_size=14",
-    "crops.local_crops_number=2", "train.num_workers=0", "train.checkpoint_period_iterations=2",
-    "evaluation.eval_period_iterations=4", "train.log_period_iterations=1",
-    "evaluation.knn_dataset_train=", "evaluation.knn_dataset_val=", "mlflow.enabled=false",
-    "ray.cpus_per_worker=0.5", "ray.num_to_keep=2", "ray.max_failures=2",
+    *TINY_SSL_48,
+    "train.num_workers=0",
+    "train.checkpoint_period_iterations=2",
+    "evaluation.eval_period_iterations=4",
+    "train.log_period_iterations=1",
+    "evaluation.knn_dataset_train=",
+    "evaluation.knn_dataset_val=",
+    "mlflow.enabled=false",
+    "ray.cpus_per_worker=0.5",
+    "ray.num_to_keep=2",
+    "ray.max_failures=2",
     # exact 1-vs-2-worker equivalence: no per-rank KoLeo, no iBOT masks
-    "dino.koleo_loss_weight=0.0", "ibot.loss_weight=0.0", "ibot.mask_sample_probability=0.0",
-]  # fmt: skip
+    "dino.koleo_loss_weight=0.0",
+    "ibot.loss_weight=0.0",
+    "ibot.mask_sample_probability=0.0",
+]
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from synthetic_batches import TINY_SSL_48
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "student.embed_dim=48",
-    "student.depth=2",
-    "student.num_heads=3",
-    "student.img_size=28",
-    "crops.global_crops_size=28",
-    "crops.local_crops_size=14",
-    "crops.local_crops_number=2",
-    "dino.head_n_prototypes=64",
-    "ibot.head_n_prototypes=64",
-]
 
 
 def _free_port() -> int:
@@ -34,7 +24,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("fsdp", [False, True], ids=["single", "fsdp2-one-rank"])
 def test_train_step_benchmark_cpu_smoke(fsdp: bool) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu"]
-    cmd += ["--config-file", "train/demo_tiny", "--batch", "2", "--warmup", "1", "--steps", "2", *TINY]
+    cmd += ["--config-file", "train/demo_tiny", "--batch", "2", "--warmup", "1", "--steps", "2", *TINY_SSL_48]
     if fsdp:
         cmd.append("--fsdp")
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
