@@ -1,8 +1,9 @@
 """Throughput of semlab's SSL training step on one accelerator, with synthetic crops (torch only).
 
-One step = what ``semlab.train.loop.do_train`` does per iteration: schedules -> ``forward_backward``
-(teacher on the 2 global crops, student on global + local crops, DINO + iBOT + KoLeo, backward) ->
-per-module gradient clipping -> AdamW -> EMA teacher update. Inputs are random crops of the
+One step = ``semlab.train.loop.train_step``, the function ``do_train`` calls per iteration: schedules ->
+``forward_backward`` (teacher on the 2 global crops, student on global + local crops, DINO + iBOT +
+KoLeo, backward) -> loss all-reduce and finiteness check -> per-module gradient clipping -> AdamW ->
+EMA teacher update. Inputs are random crops of the
 recipe's sizes, collated with real iBOT masks (half the global crops, ratios 0.1-0.5), built once
 and kept on the device, so the figure is the model's speed without the data pipeline.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -32,10 +34,10 @@ import torch
 from semlab.config import apply_scaling_rules, load_config
 from semlab.data.collate import collate_data_and_cast
 from semlab.data.loaders import make_masking
-from semlab.train.loop import clip_student_gradients
+from semlab.train.loop import train_step
 from semlab.train.meta_arch import SSLMetaArch
 from semlab.train.parallel import parallelize
-from semlab.train.param_groups import apply_optim_schedule, build_optimizer
+from semlab.train.param_groups import build_optimizer
 from semlab.train.schedules import build_schedules
 
 # The reference's measured anchors (shared/reference/README.md, one H100, bf16, batch 32)
@@ -112,13 +114,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(it: int) -> dict[str, float]:
-        sched = schedules.at(it)
-        apply_optim_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-        optimizer.zero_grad(set_to_none=True)
-        losses = model.forward_backward(batch, teacher_temp=sched["teacher_temp"])
-        clip_student_gradients(model, float(cfg.optim.clip_grad or 0.0))
-        optimizer.step()
-        model.update_teacher(sched["mom"])
+        losses, _ = train_step(model, optimizer, batch, schedules.at(it), float(cfg.optim.clip_grad or 0.0))
         return losses
 
     for it in range(args.warmup):
@@ -130,7 +126,7 @@ def main() -> None:
     sync()
     seconds = time.perf_counter() - t0
     images_per_s = args.batch * args.steps / seconds
-    finite = all(bool(torch.isfinite(v).all()) for v in losses.values())
+    finite = all(math.isfinite(v) for v in losses.values())
     result = {
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -148,7 +144,7 @@ def main() -> None:
         "images_per_s": round(images_per_s, 1),
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "losses_finite": finite,
-        "losses": {k: round(float(v), 4) for k, v in losses.items()},
+        "losses": {k: round(v, 4) for k, v in losses.items()},
     }
     if args.config_file == "train/vitl14_sem_L512" and not args.overrides:
         result["achieved_TFLOP_per_s"] = round(images_per_s * TFLOP_PER_IMAGE_VITL_SEM, 1)

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from semlab.config import ConfigError, load_config
-from semlab.eval.features import extract_features
-from semlab.eval.knn import knn_classify
+from semlab.eval.knn_report import knn_accuracy
 from semlab.models import build_model_from_cfg, load_weights
 from semlab.utils.atomic import atomic_write_text
 
@@ -51,18 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
     load_weights(backbone, args.pretrained_weights)
     backbone.to("cuda" if torch.cuda.is_available() else "cpu")
-    kw = dict(
-        kind=args.feature,
-        sem_temp=float(cfg.evaluation.sem_temp),
-        batch_size=int(cfg.knn.batch_size),
-        resize_size=int(cfg.linear.resize_size),
-        crop_size=int(cfg.linear.crop_size),
-    )
-    xtr, ytr = extract_features(backbone, train_ds, **kw)
-    xva, yva = extract_features(backbone, val_ds, **kw)
-    res = knn_classify(
-        xtr, ytr, xva, yva, nb_knn=list(cfg.knn.nb_knn), temperature=float(cfg.knn.temperature)
-    )
+    res = knn_accuracy(cfg, backbone, args.feature, train_dataset=train_ds, val_dataset=val_ds)
     for k, acc in res.items():
         print(f"k={k}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
     if args.output_dir:

@@ -90,8 +90,9 @@ def one_thread():
 def test_pretraining_and_probes_log_to_a_real_server(tmp_path, mlflow_server, monkeypatch, one_thread):
     from semlab.config import load_config
     from semlab.eval.auto import evaluate_after_pretraining
+    from semlab.eval.knn_report import FinalKnn
+    from semlab.train.pretraining import run_pretraining
     from semlab.tracking import MLflowReporter
-    from semlab.train.run import run_pretraining
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RANK", raising=False)
@@ -110,7 +111,7 @@ def test_pretraining_and_probes_log_to_a_real_server(tmp_path, mlflow_server, mo
     out = tmp_path / "outputs" / "tiny_L16"
     reporter = MLflowReporter(cfg, out, recipe="train/demo_tiny")
     assert reporter.tracking_uri == mlflow_server and not reporter.target.is_fallback
-    summary = run_pretraining(cfg, out, resume=False, reporter=reporter)
+    summary = run_pretraining(cfg, out, resume=False, reporter=reporter, evaluate=FinalKnn(cfg, out))
     teacher_ckpt = Path(summary["eval_checkpoints"][-1])
     metrics = evaluate_after_pretraining(cfg, out, teacher_ckpt, reporter)
     assert {"knn_top1_k5", "linear_top1", "linear_sem_top1"} <= set(metrics)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from semlab.train.pretraining import seed_everything
 from synthetic_batches import TINY_SSL, synthetic_batch
 
 from semlab.config import load_config
@@ -18,7 +19,6 @@ from semlab.train.checkpointing import (
 from semlab.train.loop import METRICS_FILE, NonFiniteLossError, do_train
 from semlab.train.meta_arch import SSLMetaArch
 from semlab.train.reporting import ListReporter
-from semlab.train.run import seed_everything
 
 TINY = [
     *TINY_SSL,

@@ -9,9 +9,9 @@
   ``linear_top1``, ``linear_top5``, ``linear_holdout_top1``, and for SEM models (with
   ``linear.sem_after_train``) the SEM probe: ``linear_sem_top1``, ``linear_sem_top5``...
 
-Results go to ``<output_dir>/eval/training_<it>/{knn.json, linear/, linear_sem/}``. A reporter
-with ``log_evaluation`` (``semlab.tracking.MLflowReporter``) records each evaluation as a run
-linked to the pretraining run; any other Reporter gets the metrics through ``on_metrics``.
+Results go to ``<output_dir>/eval/training_<it>/{knn.json, linear/, linear_sem/}``. Each
+evaluation goes to ``reporter.log_evaluation``: ``semlab.tracking.MLflowReporter`` records it as a
+run linked to the pretraining run; the base Reporter hands the metrics to ``on_metrics``.
 This module knows nothing of MLflow.
 """
 
@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from semlab.train.reporting import Reporter
 from semlab.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -37,33 +38,16 @@ def iteration_of(checkpoint: str | Path) -> int | None:
     return None
 
 
-def _report(reporter: Any, kind: str, metrics: dict[str, float], step: int, params: dict[str, Any],
-            artifacts: list[Path]) -> None:
-    if reporter is None:
-        return
-    if hasattr(reporter, "log_evaluation"):
-        reporter.log_evaluation(kind, metrics, step=step, params=params, artifacts=artifacts)
-    else:
-        reporter.on_metrics(step, metrics)
-
-
 def run_knn(cfg: Any, backbone: Any, out_dir: Path, sem: bool) -> dict[str, float]:
     """k-NN metrics of the CLS output (and of the raw SEM output when ``sem``); writes ``knn.json``."""
-    from semlab.eval.features import extract_features
-    from semlab.eval.knn import knn_classify
+    from semlab.eval.knn_report import knn_accuracy
 
-    device = next(backbone.parameters()).device
-    kw = dict(sem_temp=float(cfg.evaluation.sem_temp), batch_size=int(cfg.knn.batch_size),
-              resize_size=int(cfg.linear.resize_size), crop_size=int(cfg.linear.crop_size), device=device)
     metrics: dict[str, float] = {}
     raw: dict[str, Any] = {}
     for kind, prefix in (("cls", "knn"), ("sem", "knn_sem")):
         if kind == "sem" and not sem:
             continue
-        xtr, ytr = extract_features(backbone, cfg.evaluation.knn_dataset_train, kind=kind, **kw)
-        xva, yva = extract_features(backbone, cfg.evaluation.knn_dataset_val, kind=kind, **kw)
-        res = knn_classify(xtr, ytr, xva, yva, nb_knn=list(cfg.knn.nb_knn),
-                           temperature=float(cfg.knn.temperature))
+        res = knn_accuracy(cfg, backbone, kind)
         raw[kind] = {str(k): v for k, v in res.items()}
         for k, acc in res.items():
             metrics[f"{prefix}_top1_k{k}"] = acc["top1"]
@@ -76,7 +60,7 @@ def evaluate_after_pretraining(
     cfg: Any,
     output_dir: str | Path,
     teacher_checkpoint: str | Path,
-    reporter: Any = None,
+    reporter: Reporter | None = None,
     iteration: int | None = None,
     progress: bool = False,
     knn: bool = True,
@@ -88,6 +72,7 @@ def evaluate_after_pretraining(
     """
     from semlab.eval.linear import build_eval_backbone, default_device, run_linear_probe
 
+    reporter = reporter if reporter is not None else Reporter()
     ckpt = Path(teacher_checkpoint)
     step = iteration if iteration is not None else (iteration_of(ckpt) or 0)
     eval_dir = ckpt.parent if ckpt.parent.name.startswith("training_") else Path(output_dir) / "eval"
@@ -106,7 +91,8 @@ def evaluate_after_pretraining(
         metrics = run_knn(cfg, backbone, eval_dir, sem)
         knn_params = {**params, "train_dataset": train_ds, "val_dataset": val_ds,
                       "nb_knn": str(list(cfg.knn.nb_knn)), "temperature": float(cfg.knn.temperature)}
-        _report(reporter, "knn", metrics, step, knn_params, [eval_dir / "knn.json"])
+        reporter.log_evaluation("knn", metrics, step=step, params=knn_params,
+                                artifacts=[eval_dir / "knn.json"])
         all_metrics.update(metrics)
         logger.info("k-NN after pretraining: %s", {k: round(v, 2) for k, v in metrics.items()})
 
@@ -124,7 +110,8 @@ def evaluate_after_pretraining(
                 "best_classifier": res["best_classifier"], "iterations": res["iterations"],
                 "batch_size": res["batch_size"], "learning_rates": str(list(cfg.linear.learning_rates)),
             }
-            _report(reporter, kind, metrics, step, lin_params, [out / "results_eval_linear.json"])
+            reporter.log_evaluation(kind, metrics, step=step, params=lin_params,
+                                    artifacts=[out / "results_eval_linear.json"])
             all_metrics.update(metrics)
     atomic_write_text(eval_dir / "eval_results.json", json.dumps(all_metrics, indent=2) + "\n")
     return all_metrics

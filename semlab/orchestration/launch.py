@@ -83,7 +83,7 @@ def load_run_config(args: argparse.Namespace) -> DictConfig:
 
 
 def _print_summary(output_dir: Path, iteration: int | None, seconds: float) -> None:
-    from semlab.train.run import KNN_RESULTS, format_knn_lines
+    from semlab.eval.knn_report import KNN_RESULTS, format_knn_lines
 
     where = f"trained to iteration {iteration}" if iteration is not None else "training finished"
     print(f"{where} in {seconds:.0f} s; outputs in {output_dir}")
@@ -94,19 +94,17 @@ def _print_summary(output_dir: Path, iteration: int | None, seconds: float) -> N
 
 
 def run_local(cfg: DictConfig, output_dir: Path, resume: bool, recipe: str | None) -> dict[str, Any]:
-    """The single-process path (no Ray): ``run_pretraining`` with the MLflow reporter."""
-    from semlab.train.run import run_pretraining
+    """The single-process path (no Ray): ``run_pretraining`` with the MLflow reporter and the
+    final k-NN report."""
+    from semlab.eval.knn_report import FinalKnn
+    from semlab.train.pretraining import run_pretraining
 
     reporter = None
     if bool(cfg.mlflow.enabled):
         from semlab.tracking import MLflowReporter
 
         reporter = MLflowReporter(cfg, output_dir, recipe=recipe, resume=resume)
-    summary = run_pretraining(cfg, output_dir, resume=resume, reporter=reporter)
-    if reporter is not None and "knn" in summary and hasattr(reporter, "log_evaluation"):
-        knn = {f"knn_top1_{k}": float(v) for k, v in summary["knn"]["top1"].items()}
-        reporter.log_evaluation("knn", knn, step=int(summary["iteration"]))
-    return summary
+    return run_pretraining(cfg, output_dir, resume, reporter, evaluate=FinalKnn(cfg, output_dir))
 
 
 def latest_eval_checkpoint(output_dir: Path) -> Path | None:

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,23 @@ class RayTrainReporter(Reporter):
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.inner is not None:
             self.inner.on_end(summary)
+
+    def log_evaluation(
+        self,
+        kind: str,
+        metrics: dict[str, Any],
+        step: int = 0,
+        params: dict[str, Any] | None = None,
+        artifacts: Sequence[str | os.PathLike] = (),
+    ) -> str | None:
+        """Forwarded to ``inner`` (Ray sees evaluations through :meth:`report_final`)."""
+        if self.inner is None:
+            return None
+        return self.inner.log_evaluation(kind, metrics, step=step, params=params, artifacts=artifacts)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
 
     def report_final(self, metrics: dict[str, Any]) -> None:
         """A last report without checkpoint (all ranks), e.g. the k-NN accuracy after training;

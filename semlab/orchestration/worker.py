@@ -7,12 +7,12 @@ torch process group (NCCL on GPU, gloo on CPU) when this function starts. Each w
    resubmitted run of the same name): the local rank 0 of each node materialises the checkpoint
    file into ``<output_dir>/checkpoints/`` and points ``last_checkpoint`` at it, so that every
    rank resumes from the same iteration whatever it had on local disk;
-2. seeds ``train.seed + rank`` (as the reference), builds the ``SSLMetaArch`` and makes it data
-   parallel with :func:`semlab.train.parallel.parallelize` (parameters broadcast from rank 0);
-3. builds its data stream: the Ray Data shard of this worker (``data.backend=ray``) through
+2. builds its data stream: the Ray Data shard of this worker (``data.backend=ray``) through
    ``iter_training_batches``, or the local loader's rank-``r``-of-``W`` part (``data.backend=local``);
-4. runs ``semlab.train.loop.do_train`` with a :class:`RayTrainReporter` (checkpoints to Ray on all
-   ranks; MLflow on rank 0), and afterwards the k-NN evaluation on rank 0 when configured.
+3. runs the one pretraining path, :func:`semlab.train.pretraining.run_pretraining` (seeds
+   ``train.seed + rank`` as the reference, model, ``do_train``, final k-NN on rank 0), with a
+   :class:`RayTrainReporter` (checkpoints to Ray on all ranks; MLflow on rank 0);
+4. reports the final metrics (k-NN) to Ray, which Tune sees.
 
 The ``config`` dict (``train_loop_config``) holds plain data only: the resolved config as a
 container, the output dir, the resume flag, the Ray Data ``epoch_start`` and an optional fault
@@ -165,59 +165,28 @@ def with_fault_injection(
     return wrapped
 
 
-# --------------------------------------------------------------------------- evaluation
-def final_knn(cfg: DictConfig, model: Any, output_dir: Path, rank: int, device: Any) -> dict[str, Any] | None:
-    """k-NN of the final teacher on rank 0 (the teacher's full state is gathered from all ranks)."""
-    if not (cfg.evaluation.knn_dataset_train and cfg.evaluation.knn_dataset_val):
-        return None
-    from semlab.models import build_model_from_cfg
-    from semlab.train.checkpointing import teacher_state_dict
-    from semlab.train.run import knn_report
-
-    state = teacher_state_dict(model)  # collective
-    if rank != 0:
-        return None
-    backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return knn_report(cfg, backbone.to(device).eval(), output_dir)
-
-
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the worker
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (see the module doc)."""
+    """Ray Train entry point (see the module doc): Ray's restore, data and reporting around
+    :func:`semlab.train.pretraining.run_pretraining`."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from semlab.config import apply_scaling_rules, save_config
+    from semlab.eval.knn_report import FinalKnn, knn_datasets
     from semlab.orchestration.reporter import RayTrainReporter
-    from semlab.train.loop import do_train
-    from semlab.train.meta_arch import SSLMetaArch
-    from semlab.train.parallel import parallelize
-    from semlab.train.run import seed_everything
+    from semlab.train.pretraining import run_pretraining
 
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     cfg = config_from_container(config["cfg"])
     output_dir = Path(config["output_dir"])
-    cfg.train.output_dir = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-
     resumed = restore_ray_checkpoint(ray.train.get_checkpoint(), output_dir, local_rank)
     resume = resumed or bool(config.get("resume", True))
-    apply_scaling_rules(cfg, world)  # optim.lr for the global batch, as do_train sets it
-    if rank == 0:
-        save_config(cfg, output_dir / "config.yaml")
-
-    if int(cfg.train.get("num_threads", 0)) > 0:  # else Ray's OMP_NUM_THREADS (the worker's CPUs)
-        torch.set_num_threads(int(cfg.train.num_threads))
-    seed_everything(int(cfg.train.seed) + rank)
-    model = SSLMetaArch(cfg)
-    parallelize(model, cfg, device)
 
     custom = config.get("data_factory")
     if custom is not None:  # (cfg, rank, world, start_iter) -> iterator: synthetic data for tests/benchmarks
@@ -232,17 +201,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         inner = MLflowReporter(cfg, output_dir, recipe=config.get("recipe"), resume=resume, rank=0)
     reporter = RayTrainReporter(rank, inner)
-    summary = do_train(cfg, model, factory, output_dir, reporter=reporter, resume=resume)
-    knn = final_knn(cfg, model, output_dir, rank, device) if config.get("knn", True) else None
-    final: dict[str, Any] = {"iteration": int(summary["iteration"]), "done": 1}
-    if knn is not None:
-        final.update({f"knn_top1_{name}": float(v) for name, v in knn["top1"].items()})
-        if inner is not None and hasattr(inner, "log_evaluation"):
-            inner.log_evaluation(
-                "knn",
-                {k: v for k, v in final.items() if k.startswith("knn_")},
-                step=int(summary["iteration"]),
-            )
-    if inner is not None and hasattr(inner, "close"):
-        inner.close()
+    evaluate = FinalKnn(cfg, output_dir) if config.get("knn", True) and knn_datasets(cfg) else None
+    summary = run_pretraining(
+        cfg, output_dir, resume, reporter, data=factory, evaluate=evaluate, device=device
+    )
+    reporter.close()
+    final = {"iteration": int(summary["iteration"]), "done": 1, **summary.get("final_metrics", {})}
     reporter.report_final(final)

@@ -2,10 +2,10 @@
 
 torch only: nothing here imports Ray or MLflow (they sit on top, through a ``Reporter``).
 Heavier pieces are imported from their modules (``semlab.train.meta_arch.SSLMetaArch``,
-``semlab.train.loop.do_train``, ``semlab.train.run.run_pretraining``).
+``semlab.train.loop.do_train``, ``semlab.train.pretraining.run_pretraining``).
 """
 
-from semlab.train.reporting import CompositeReporter, ListReporter, Reporter
+from semlab.train.reporting import ListReporter, Reporter
 from semlab.train.schedules import CosineScheduler, Schedules, build_schedules
 
-__all__ = ["CompositeReporter", "CosineScheduler", "ListReporter", "Reporter", "Schedules", "build_schedules"]
+__all__ = ["CosineScheduler", "ListReporter", "Reporter", "Schedules", "build_schedules"]

@@ -142,6 +142,84 @@ def clip_student_gradients(model: torch.nn.Module, max_norm: float) -> float:
     return math.sqrt(sq)
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    sched: dict[str, float],
+    clip_grad: float,
+) -> tuple[dict[str, float], float]:
+    """One optimisation step at the schedule values ``sched`` -> (losses mean over ranks, grad norm).
+
+    Sets lr / wd per group, runs ``forward_backward`` (backward inside), raises
+    :class:`NonFiniteLossError` (iteration -1: the caller knows it) before stepping on a NaN/inf
+    loss, clips each student module at ``clip_grad``, steps AdamW and moves the EMA teacher.
+    """
+    apply_optim_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+    optimizer.zero_grad(set_to_none=True)
+    loss_dict = model.forward_backward(batch, teacher_temp=sched["teacher_temp"])
+    losses = _reduce_losses(loss_dict)
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise NonFiniteLossError(-1, losses, None)
+    grad_norm = clip_student_gradients(model, clip_grad)
+    optimizer.step()
+    model.update_teacher(sched["mom"])
+    return losses, grad_norm
+
+
+class ThroughputWindow:
+    """Images, wall time and data time since the last log line (reset by :meth:`record`)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.images, self.time_s, self.data_time_s = 0, 0.0, 0.0
+
+    def add(self, images: int, step_s: float, data_s: float) -> None:
+        self.images += images
+        self.time_s += step_s
+        self.data_time_s += data_s
+
+    def record(self, iteration: int, losses: dict[str, float], sched: dict[str, float], grad_norm: float
+               ) -> dict[str, Any]:
+        """The metrics line of ``iteration`` (losses, schedule values, speed); starts a new window."""
+        record: dict[str, Any] = {"iteration": iteration, **losses}
+        record.update({key: sched[key] for key in ("lr", "wd", "mom", "teacher_temp", "last_layer_lr")})
+        record.update(
+            {
+                "grad_norm": grad_norm,
+                "images_per_s": self.images / max(self.time_s, 1e-9),
+                "data_time_s": self.data_time_s,
+                "window_time_s": self.time_s,
+            }
+        )
+        self.reset()
+        return record
+
+
+def is_due(iteration: int, period: int) -> bool:
+    """True at the last iteration of each ``period`` (never when ``period`` <= 0)."""
+    return period > 0 and (iteration + 1) % period == 0
+
+
+def resume_or_initialise(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig, output_dir: Path, resume: bool
+) -> tuple[int, dict[str, Any] | None, Path | None]:
+    """(first iteration, RNG state to restore, checkpoint path): from the last checkpoint of
+    ``output_dir`` when resuming and there is one, else from ``MODEL.pretrained_backbone`` (or scratch)."""
+    found = find_resume_checkpoint(output_dir) if resume else None
+    if found is not None:
+        last_ckpt, ckpt = found
+        start = restore_checkpoint(model, optimizer, ckpt, restore_rng=False) + 1
+        logger.info("resumed from %s: starting at iteration %d", last_ckpt, start)
+        return start, ckpt["rng"], last_ckpt
+    if cfg.MODEL.WEIGHTS:
+        load_initial_weights(model, cfg.MODEL.WEIGHTS)
+        logger.info("initialised student and teacher from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
+    return 0, None, None
+
+
 def _show_progress() -> bool:
     return distributed.is_main_process() and sys.stderr.isatty()
 
@@ -166,47 +244,28 @@ def do_train(
     """
     output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
     # hooks run on rank 0, except for reporters whose checkpoint hooks are collective (Ray's report)
-    all_ranks = bool(getattr(reporter, "all_ranks", False))
-    reporter = (
-        reporter if reporter is not None and (all_ranks or distributed.is_main_process()) else Reporter()
-    )
-    world = distributed.get_world_size()
+    is_main, world = distributed.is_main_process(), distributed.get_world_size()
+    if reporter is None or not (reporter.all_ranks or is_main):
+        reporter = Reporter()
     apply_scaling_rules(cfg, world)
     model.train()
     optimizer = build_optimizer(model.get_params_groups(), cfg)
     schedules = build_schedules(cfg)
-    max_iter = max_iterations(cfg)
-    ckpt_period = checkpoint_period(cfg)
+    max_iter, ckpt_period = max_iterations(cfg), checkpoint_period(cfg)
     eval_period = int(cfg.evaluation.eval_period_iterations)
     log_period = max(int(cfg.train.log_period_iterations), 1)
+    clip = float(cfg.optim.clip_grad or 0.0)
 
-    start, rng_state, last_ckpt = 0, None, None
-    found = find_resume_checkpoint(output_dir) if resume else None
-    if found is not None:
-        last_ckpt, ckpt = found
-        start = restore_checkpoint(model, optimizer, ckpt, restore_rng=False) + 1
-        rng_state = ckpt["rng"]
-        logger.info("resumed from %s: starting at iteration %d", last_ckpt, start)
-    elif cfg.MODEL.WEIGHTS:
-        load_initial_weights(model, cfg.MODEL.WEIGHTS)
-        logger.info("initialised student and teacher from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
-    if start_iteration is not None:
-        start = int(start_iteration)
+    start, rng_state, last_ckpt = resume_or_initialise(model, optimizer, cfg, output_dir, resume)
+    start = int(start_iteration) if start_iteration is not None else start
     model.train()
-
     batches: Iterator[dict[str, Any]] = data_iter(start) if callable(data_iter) else data_iter
     if rng_state is not None:  # after the data iterator was built, which may draw from the RNGs
         set_rng_state(rng_state)
-
-    is_main = distributed.is_main_process()
-    metrics_log = None
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         metrics_log = MetricsLog(output_dir / METRICS_FILE, start)
-    clip = float(cfg.optim.clip_grad or 0.0)
-    eval_paths: list[str] = []
-    last_losses: dict[str, float] = {}
-    window_images, window_time, window_data_time = 0, 0.0, 0.0
+    window, eval_paths, losses = ThroughputWindow(), [], {}
     bar = tqdm(
         total=max_iter, initial=start, disable=not _show_progress(), desc="pretrain", dynamic_ncols=True
     )
@@ -217,46 +276,22 @@ def do_train(
             batch = next(batches)
             t_data = time.perf_counter() - t0
             sched = schedules.at(it)
-            apply_optim_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-            optimizer.zero_grad(set_to_none=True)
-            loss_dict = model.forward_backward(batch, teacher_temp=sched["teacher_temp"])
-            losses = _reduce_losses(loss_dict)
-            if not all(math.isfinite(v) for v in losses.values()):
-                raise NonFiniteLossError(it, losses, last_ckpt)
-            grad_norm = clip_student_gradients(model, clip)
-            optimizer.step()
-            model.update_teacher(sched["mom"])
-
-            window_images += int(batch["collated_global_crops"].shape[0] // 2) * world
-            window_time += time.perf_counter() - t0
-            window_data_time += t_data
-            last_losses = losses
+            try:
+                losses, grad_norm = train_step(model, optimizer, batch, sched, clip)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(it, exc.losses, last_ckpt) from None
+            images = int(batch["collated_global_crops"].shape[0] // 2) * world
+            window.add(images, time.perf_counter() - t0, t_data)
             bar.update(1)
-            if is_main and ((it + 1) % log_period == 0 or it == max_iter - 1):
-                record: dict[str, Any] = {"iteration": it, **losses}
-                record.update(
-                    {
-                        "lr": sched["lr"],
-                        "wd": sched["wd"],
-                        "mom": sched["mom"],
-                        "teacher_temp": sched["teacher_temp"],
-                        "last_layer_lr": sched["last_layer_lr"],
-                        "grad_norm": grad_norm,
-                        "images_per_s": window_images / max(window_time, 1e-9),
-                        "data_time_s": window_data_time,
-                        "window_time_s": window_time,
-                    }
-                )
-                metrics_log.append(record)  # type: ignore[union-attr]
+            if is_main and (is_due(it, log_period) or it == max_iter - 1):
+                record = window.record(it, losses, sched, grad_norm)
+                metrics_log.append(record)
                 reporter.on_metrics(it, record)
                 bar.set_postfix(loss=f"{losses['total']:.3f}", lr=f"{sched['lr']:.2e}")
-                window_images, window_time, window_data_time = 0, 0.0, 0.0
-
-            if eval_period > 0 and (it + 1) % eval_period == 0:
-                path = save_eval_checkpoint(model, it, output_dir, cfg)
-                eval_paths.append(str(path))
-                reporter.on_eval_checkpoint(it, path)
-            if (it + 1) % ckpt_period == 0 or it == max_iter - 1:
+            if is_due(it, eval_period):
+                eval_paths.append(str(save_eval_checkpoint(model, it, output_dir, cfg)))
+                reporter.on_eval_checkpoint(it, Path(eval_paths[-1]))
+            if is_due(it, ckpt_period) or it == max_iter - 1:
                 last_ckpt = save_checkpoint(model, optimizer, it, output_dir, cfg)
                 reporter.on_checkpoint(it, last_ckpt)
     finally:
@@ -269,7 +304,7 @@ def do_train(
         "iteration": it,
         "max_iter": max_iter,
         "start_iteration": start,
-        "losses": last_losses,
+        "losses": losses,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "eval_checkpoints": eval_paths,
         "output_dir": str(output_dir),

@@ -1,12 +1,14 @@
 """Reporter protocol: how the training loop tells the outside world what happened.
 
 The loop knows nothing of MLflow or Ray; it calls a ``Reporter``. Subclass it and override
-what you need (all hooks are no-ops here). ``CompositeReporter`` fans out to several.
+what you need: every hook has a default here (a no-op, except ``log_evaluation``, which hands the
+metrics to ``on_metrics``), so callers never need to ask what a reporter can do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +31,21 @@ class Reporter:
     def on_end(self, summary: dict[str, Any]) -> None:
         """Called once when training ends normally (``summary``: final iteration, losses, paths...)."""
 
+    def log_evaluation(
+        self,
+        kind: str,
+        metrics: dict[str, Any],
+        step: int = 0,
+        params: dict[str, Any] | None = None,
+        artifacts: Sequence[str | os.PathLike] = (),
+    ) -> str | None:
+        """An evaluation (``kind`` = 'knn', 'linear', 'linear_sem'...) of the run's teacher at ``step``;
+        here its metrics go to :meth:`on_metrics`. Returns an id of the record, if the reporter keeps one."""
+        self.on_metrics(step, metrics)
+        return None
 
-class CompositeReporter(Reporter):
-    """Forwards every hook to each reporter in order."""
-
-    def __init__(self, reporters: Iterable[Reporter | None]) -> None:
-        self.reporters = [r for r in reporters if r is not None]
-
-    def on_metrics(self, iteration: int, metrics: dict[str, float]) -> None:
-        for r in self.reporters:
-            r.on_metrics(iteration, metrics)
-
-    def on_checkpoint(self, iteration: int, path: Path) -> None:
-        for r in self.reporters:
-            r.on_checkpoint(iteration, path)
-
-    def on_eval_checkpoint(self, iteration: int, path: Path) -> None:
-        for r in self.reporters:
-            r.on_eval_checkpoint(iteration, path)
-
-    def on_end(self, summary: dict[str, Any]) -> None:
-        for r in self.reporters:
-            r.on_end(summary)
+    def close(self) -> None:
+        """Release what the reporter holds (flush, finish a run); safe to call more than once."""
 
 
 class ListReporter(Reporter):
