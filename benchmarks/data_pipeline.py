@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from semlab.config import load_config  # noqa: E402
+from semlab.orchestration.cluster import start_local  # noqa: E402
 
 
 def china_tree(root: Path, n: int, classes: int = 4) -> str:
@@ -112,7 +113,7 @@ def bench_source(
             ]
         )
         crops_per_image = 2 + int(cfg.crops.local_crops_number)
-        rp.init_local_ray(num_cpus=c, object_store_memory_gb=1.0, temp_dir=str(workdir / "ray"))
+        start_local(c, None, 1.0, str(workdir / "ray"), include_dashboard=False, loopback_only=True)
         try:
             for label, uint8 in (("stream", True), ("stream f32", False)):
                 ds = rp.build_ray_dataset(cfg, emit_uint8=uint8)

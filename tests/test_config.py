@@ -99,3 +99,23 @@ def test_flat_dict_for_tracking():
     flat = config_to_flat_dict(load_config("train/vitl14_sem_L512"))
     assert flat["student.L"] == 512 and flat["student.temp"] == 1.0
     assert flat["crops.global_crops_scale"] == "[0.32, 1.0]"
+
+
+@pytest.mark.parametrize("key", ["MODEL.WEIGHTS", "student.pretrained_weights"])
+def test_retired_weight_keys_point_to_pretrained_backbone(key):
+    assert load_config("train/demo_tiny")[key.split(".")[0]][key.split(".")[1]] == ""  # kept, empty
+    with pytest.raises(ConfigError, match=rf"{key}=w\.pth .*MODEL\.pretrained_backbone=w\.pth"):
+        load_config("train/demo_tiny", [f"{key}=w.pth"])
+
+
+def test_sem_settings_errors_name_the_key():
+    from semlab.config.checks import check_sem
+
+    with pytest.raises(ConfigError, match=r"student\.V=0"):
+        check_sem(L=8, V=0)
+    with pytest.raises(ConfigError, match=r"student\.temp=0"):
+        check_sem(temp=0)
+    with pytest.raises(ConfigError, match=r"evaluation\.sem_temp=-1"):
+        load_config("train/demo_tiny", ["evaluation.sem_temp=-1"])
+    with pytest.raises(ConfigError, match=r"student\.arch=vit_tiny_sem needs L > 0"):
+        check_sem(L=0, arch="vit_tiny_sem")

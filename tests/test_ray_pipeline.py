@@ -17,6 +17,8 @@ from semlab.config import load_config
 from semlab.data import ray_pipeline as rp
 from semlab.data.demo import DEMO_CLASSES
 from semlab.data.shards import prepare_shards
+from semlab.orchestration.cluster import start_local
+from semlab.orchestration.trainer import make_data_config
 
 pytestmark = pytest.mark.ray
 
@@ -57,7 +59,7 @@ def ray_session():
     import ray
 
     temp = tempfile.mkdtemp(prefix="semlab-rt-", dir="/tmp")
-    rp.init_local_ray(num_cpus=2, object_store_memory_gb=0.25, temp_dir=temp)
+    start_local(2, None, 0.25, temp, include_dashboard=False, loopback_only=True)
     try:
         yield ray
     finally:
@@ -121,7 +123,7 @@ def test_execution_options_from_config(shard_dir):
     capped_cfg = make_cfg(shard_dir, "data.max_cpus=1.5", "data.max_object_store_gb=0.5")
     capped = rp.data_execution_options(capped_cfg)
     assert capped.resource_limits.cpu == 1.5 and capped.resource_limits.object_store_memory == 0.5 * 1024**3
-    assert rp.make_data_config(make_cfg(shard_dir))._datasets_to_split == ["train"]
+    assert make_data_config(make_cfg(shard_dir))._datasets_to_split == ["train"]
 
 
 def test_non_parquet_dataset_is_refused(shard_dir):
@@ -199,7 +201,7 @@ def test_ray_train_two_workers_disjoint_and_complete(ray_session, shard_dir, tmp
         cfg = config["cfg"]
         rank = ray.train.get_context().get_world_rank()
         it = ray_pipeline.iter_training_batches(
-            ray.train.get_dataset_shard("train"), cfg, seed=0, epoch_start=config["epoch_start"]
+            ray.train.get_dataset_shard("train"), cfg, seed=0, epoch_start=config["epoch_start"], rank=rank
         )
         steps = config["steps_per_epoch"]
         seen, first = [], []
@@ -229,7 +231,7 @@ def test_ray_train_two_workers_disjoint_and_complete(ray_session, shard_dir, tmp
         },
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         datasets={"train": ds},
-        dataset_config=rp.make_data_config(cfg),
+        dataset_config=make_data_config(cfg),
         run_config=RunConfig(storage_path=str(tmp_path / "ray_results"), name="stream"),
     )
     trainer.fit()

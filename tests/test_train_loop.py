@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from semlab.train.pretraining import seed_everything
 from synthetic_batches import TINY_SSL, synthetic_batch
 
 from semlab.config import load_config
@@ -18,6 +17,7 @@ from semlab.train.checkpointing import (
 )
 from semlab.train.loop import METRICS_FILE, NonFiniteLossError, do_train
 from semlab.train.meta_arch import SSLMetaArch
+from semlab.train.pretraining import seed_everything
 from semlab.train.reporting import ListReporter
 
 TINY = [
@@ -187,7 +187,7 @@ def test_model_weights_start_from_a_teacher_checkpoint(tmp_path):
     model = build(cfg)
     do_train(cfg, model, data_factory(cfg), tmp_path / "a")
     teacher_ckpt = tmp_path / "a" / "eval" / "training_5" / "teacher_checkpoint.pth"
-    cfg2 = tiny_cfg(f"MODEL.WEIGHTS={teacher_ckpt}", "train.max_iterations=1")
+    cfg2 = tiny_cfg(f"MODEL.pretrained_backbone={teacher_ckpt}", "train.max_iterations=1")
     fresh = build(cfg2)
     rep = ListReporter()
     do_train(cfg2, fresh, data_factory(cfg2), tmp_path / "b", reporter=rep)

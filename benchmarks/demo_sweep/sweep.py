@@ -1,8 +1,8 @@
 """Does the demo recipe learn? Many short pretrainings on one machine, sharing pre-augmented batches.
 
 Each run is the real ``do_train`` loop of ``train/demo_tiny`` plus overrides, followed by the k-NN report
-of ``semlab.eval.knn_report`` (teacher CLS, SEM raw; random init and raw pixels once per pool). What makes a sweep
-cheap is the data: a *pool* is the first N batches of ``make_local_data_iterator`` for a dataset --
+of ``semlab.eval.knn_report`` (teacher CLS, SEM raw; random init and raw pixels once per pool). What makes
+a sweep cheap is the data: a *pool* is the first N batches of ``make_local_data_iterator`` for a dataset --
 exactly the batches a real run of that dataset sees -- computed once (``--workers`` processes) and kept on
 the device; runs cycle through it, so a run with more iterations than the pool repeats its batches.
 
@@ -42,13 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import variants  # noqa: E402
-from semlab.eval.knn_report import knn_report  # noqa: E402
-from semlab.train.pretraining import seed_everything  # noqa: E402
 
 from semlab.config import load_config  # noqa: E402
 from semlab.data.loaders import make_local_data_iterator  # noqa: E402
+from semlab.eval.knn_report import knn_report  # noqa: E402
 from semlab.train.loop import METRICS_FILE, do_train, max_iterations  # noqa: E402
 from semlab.train.meta_arch import SSLMetaArch  # noqa: E402
+from semlab.train.pretraining import seed_everything  # noqa: E402
 
 LOSS_AT = (9, 99, 199, 399, 719, 1439, 2879)
 

@@ -11,17 +11,21 @@ Every key a recipe or override sets must already exist in the defaults; a typo i
 from semlab.config.loading import (
     ConfigError,
     apply_scaling_rules,
+    config_from_container,
     config_to_flat_dict,
     load_config,
     recipe_path,
+    resolved_copy,
     save_config,
 )
 
 __all__ = [
     "ConfigError",
     "apply_scaling_rules",
+    "config_from_container",
     "config_to_flat_dict",
     "load_config",
     "recipe_path",
+    "resolved_copy",
     "save_config",
 ]

@@ -104,7 +104,8 @@ def load_config(
     """Build a run's configuration: defaults <- recipe <- ``key=value`` overrides.
 
     Returns a struct-mode ``DictConfig`` (reading or setting an unknown key raises).
-    Raises ``ConfigError`` for a missing recipe, an unknown key, or a malformed override.
+    Raises ``ConfigError`` for a missing recipe, an unknown key, a malformed override, or a value
+    that :func:`semlab.config.checks.check_config` refuses (SEM settings, retired weight keys).
     """
     base = OmegaConf.load(CONFIG_DIR / f"{defaults}.yaml")
     layers: list[DictConfig] = [base]
@@ -125,7 +126,26 @@ def load_config(
     cfg = OmegaConf.merge(*layers)
     assert isinstance(cfg, DictConfig)
     OmegaConf.set_struct(cfg, True)
+    from semlab.config.checks import check_config
+
+    check_config(cfg)
     return cfg
+
+
+def config_from_container(container: dict[str, Any]) -> DictConfig:
+    """The struct-mode DictConfig of a plain ``OmegaConf.to_container(cfg, resolve=True)`` dict (the
+    form a config takes where a framework needs plain data, e.g. a Ray Tune ``param_space``)."""
+    cfg = OmegaConf.create(container)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def resolved_copy(cfg: DictConfig) -> DictConfig:
+    """A struct-mode deep copy of ``cfg`` with every interpolation resolved: what a Ray worker gets
+    (pickled as a DictConfig, so the config keeps its type on the way)."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(copy, True)
+    return copy
 
 
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> float:

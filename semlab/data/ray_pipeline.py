@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -64,7 +63,7 @@ def _mix(*values: int) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
 
 
-# ---- Ray start-up and DataContext ----------------------------------------------------------------------
+# ---- Ray Data settings ----------------------------------------------------------------------
 
 
 def configure_data_context(ctx: Any = None, cfg: Any = None) -> Any:
@@ -94,7 +93,7 @@ def data_execution_options(cfg: Any = None) -> Any:
     ``preserve_order`` (``cfg.data.preserve_order``, default true) keeps the block order of the file order,
     which makes a single consumer's stream deterministic. Ray Train already keeps the training workers'
     CPUs out of Ray Data's budget; ``cfg.data.max_cpus`` and ``cfg.data.max_object_store_gb`` (when > 0)
-    cap Ray Data further (object-store use is bounded anyway by the store, see :func:`init_local_ray`).
+    cap Ray Data further (object-store use is bounded anyway by the store: ``ray.object_store_memory_gb``).
     """
     from ray.data import ExecutionOptions, ExecutionResources
 
@@ -108,54 +107,6 @@ def data_execution_options(cfg: Any = None) -> Any:
             cpu=cpus if cpus > 0 else None, object_store_memory=store * 1024**3 if store > 0 else None
         )
     return ExecutionOptions(preserve_order=preserve, resource_limits=limits, verbose_progress=False)
-
-
-def make_data_config(cfg: Any) -> Any:
-    """``ray.train.DataConfig`` for ``TorchTrainer(datasets={"train": ds}, dataset_config=...)``: split only
-    "train" across workers, with :func:`data_execution_options` (Train otherwise copies the driver's)."""
-    from ray.train import DataConfig
-
-    return DataConfig(datasets_to_split=["train"], execution_options=data_execution_options(cfg))
-
-
-_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def init_local_ray(
-    num_cpus: int | None = None,
-    object_store_memory_gb: float = 4.0,
-    temp_dir: str | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Start a local, private Ray: 127.0.0.1 only, no dashboard, a bounded object store, quiet Ray Data.
-
-    ``object_store_memory_gb`` is usually ``cfg.ray.object_store_memory_gb`` (Ray's own default is about 30%
-    of RAM). ``temp_dir`` defaults to ``/tmp/ray-semlab-<uid>``. Extra keyword arguments go to ``ray.init``.
-    Returns the Ray context; an already-initialised Ray is reused as is.
-    """
-    # A single-node Ray binds to the loopback address only when Ray thinks clusters are unsupported; otherwise
-    # it replaces 127.0.0.1 by the machine's outward address. The flag is read at import, so set both.
-    os.environ.setdefault(_LOOPBACK_ENV, "0")
-    import ray
-    import ray._private.ray_constants as ray_constants
-
-    if ray.is_initialized():
-        configure_data_context()
-        return ray.get_runtime_context()
-    if os.environ[_LOOPBACK_ENV] == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    if object_store_memory_gb <= 0:
-        raise RayDataConfigError(f"object_store_memory_gb must be positive, got {object_store_memory_gb}")
-    kwargs.setdefault("include_dashboard", False)
-    kwargs.setdefault("dashboard_host", "127.0.0.1")
-    context = ray.init(
-        num_cpus=num_cpus,
-        object_store_memory=int(object_store_memory_gb * 1024**3),
-        _temp_dir=temp_dir or f"/tmp/ray-semlab-{os.getuid()}",
-        **kwargs,
-    )
-    configure_data_context()
-    return context
 
 
 def check_cpu_budget(
@@ -317,15 +268,6 @@ def build_ray_dataset(
 # ---- the training-worker side ---------------------------------------------------------------------------
 
 
-def _world_rank() -> int:
-    try:
-        import ray.train
-
-        return int(ray.train.get_context().get_world_rank())
-    except Exception:  # outside a Ray Train worker
-        return 0
-
-
 def _rebatch(stream: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Exactly ``batch_size`` rows per output batch, carrying partial batches over (across epochs)."""
     pending: list[dict[str, np.ndarray]] = []
@@ -371,7 +313,7 @@ def epoch_batches(
 
 
 def iter_training_batches(
-    dataset_shard: Any, cfg: Any, seed: int, epoch_start: int = 0, rank: int | None = None
+    dataset_shard: Any, cfg: Any, seed: int, epoch_start: int = 0, rank: int = 0
 ) -> Iterator[dict[str, Any]]:
     """Infinite iterator of training batch dicts from a Ray Data shard.
 
@@ -380,9 +322,10 @@ def iter_training_batches(
     keep it equal to the ``epoch_start`` given to :func:`build_ray_dataset`). Rows are grouped into batches of
     exactly ``train.batch_size_per_gpu`` (a partial batch at the end of an epoch is completed from the next
     one), crops are normalised here, and masks + collation come from ``semlab.data.collate``: the yielded
-    dict is the batch dict of docs/architecture.md.
+    dict is the batch dict of docs/architecture.md. ``rank`` (the caller's world rank: the Ray Train
+    worker passes its own) seeds the shuffle and the masks.
     """
-    rank = _world_rank() if rank is None else int(rank)
+    rank = int(rank)
     batch_size = int(cfg.train.batch_size_per_gpu)
     collate = make_worker_collate(cfg, seed=_mix(seed, rank, 7))
 

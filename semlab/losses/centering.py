@@ -37,26 +37,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semlab.utils.distributed import get_world_size, is_enabled
+
 __all__ = [
     "PendingCenterUpdate",
     "TeacherCentering",
-    "distributed_world_size",
-    "is_distributed",
     "ema_center",
     "sinkhorn_knopp_teacher",
     "softmax_center_teacher",
     "start_center_update",
 ]
-
-
-def is_distributed() -> bool:
-    """True when torch.distributed is available and the default process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def distributed_world_size() -> int:
-    """World size of the default process group, 1 when torch.distributed is not initialised."""
-    return dist.get_world_size() if is_distributed() else 1
 
 
 def _check_logits(teacher_output: Tensor, teacher_temp: float, name: str) -> None:
@@ -90,11 +80,11 @@ def _global_logsumexp_over_rows(x: Tensor) -> Tensor:
         m = x.amax(dim=0, keepdim=True)
     else:  # a rank without samples contributes nothing
         m = torch.full((1, x.shape[1]), -math.inf, dtype=x.dtype, device=x.device)
-    if is_distributed():
+    if is_enabled():
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf column: avoid inf - inf
     s = torch.exp(x - m).sum(dim=0, keepdim=True)
-    if is_distributed():
+    if is_enabled():
         dist.all_reduce(s)
     return m + torch.log(s)
 
@@ -128,7 +118,7 @@ def sinkhorn_knopp_teacher(
     x = teacher_output.float() / teacher_temp  # log Q.T, up to the (absorbed) global normalisation
     k = x.shape[1]
     if n_samples is None:
-        n_samples = x.shape[0] * distributed_world_size()
+        n_samples = x.shape[0] * get_world_size()
     if isinstance(n_samples, Tensor):
         if n_samples.numel() != 1:
             raise ValueError(
@@ -176,8 +166,8 @@ class PendingCenterUpdate:
 def start_center_update(batch_sum: Tensor, count: int) -> PendingCenterUpdate:
     """Start all-reducing ``batch_sum`` (float32 copy) without blocking; returns the pending update."""
     summed = batch_sum.detach().float().clone()
-    handle = dist.all_reduce(summed, async_op=True) if is_distributed() else None
-    return PendingCenterUpdate(summed, int(count), distributed_world_size(), handle)
+    handle = dist.all_reduce(summed, async_op=True) if is_enabled() else None
+    return PendingCenterUpdate(summed, int(count), get_world_size(), handle)
 
 
 class TeacherCentering(nn.Module):

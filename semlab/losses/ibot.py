@@ -23,10 +23,10 @@ from torch import Tensor
 
 from semlab.losses.centering import (
     TeacherCentering,
-    is_distributed,
     sinkhorn_knopp_teacher,
     softmax_center_teacher,
 )
+from semlab.utils.distributed import is_enabled
 
 __all__ = ["iBOTPatchLoss", "masked_patch_weights"]
 
@@ -76,7 +76,7 @@ class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (the reference's name)
                 "iBOTPatchLoss.sinkhorn_knopp_teacher: n_masked_patches_tensor must hold one count, "
                 f"got {b.numel()}"
             )
-        if is_distributed():
+        if is_enabled():
             dist.all_reduce(b)
         return sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=n_iterations, n_samples=b)
 

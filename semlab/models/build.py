@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from semlab.config.checks import check_sem
 from semlab.models.vit import ARCHITECTURES, DinoVisionTransformer
 
 _OVERRIDABLE = ("embed_dim", "depth", "num_heads")
@@ -21,58 +22,33 @@ def build_backbone(arch: str, **kwargs: Any) -> DinoVisionTransformer:
     return ARCHITECTURES[name](**kwargs)
 
 
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    """``node.key`` for a DictConfig, dict or attribute object; ``default`` when absent or None."""
-    if node is None:
-        return default
-    if isinstance(node, dict):
-        value = node.get(key, default)
-    elif hasattr(node, "get"):
-        try:
-            value = node.get(key, default)
-        except Exception:  # struct-mode configs without the key
-            value = default
-    else:
-        value = getattr(node, key, default)
-    return default if value is None else value
+def backbone_kwargs(student: Any) -> dict[str, Any]:
+    """Keyword arguments for :func:`build_backbone` from the ``student`` config node (no drop path).
 
-
-def backbone_kwargs(student: Any, img_size: int = 518) -> dict[str, Any]:
-    """Keyword arguments for :func:`build_backbone` from the ``student`` config node (no drop path)."""
+    Every key is read as is: ``semlab/config/ssl_default.yaml`` is the only table of defaults (a
+    missing key is an error, not a silent second default). ``embed_dim`` / ``depth`` / ``num_heads``
+    override the arch's only when not null; SEM is on iff ``student.L`` > 0.
+    """
     kwargs: dict[str, Any] = {
-        "img_size": int(_get(student, "img_size", img_size)),
-        "patch_size": int(_get(student, "patch_size", 14)),
-        "init_values": _get(student, "layerscale", None),
-        "ffn_layer": str(_get(student, "ffn_layer", "mlp")),
-        "block_chunks": int(_get(student, "block_chunks", 0)),
-        "qkv_bias": bool(_get(student, "qkv_bias", True)),
-        "proj_bias": bool(_get(student, "proj_bias", True)),
-        "ffn_bias": bool(_get(student, "ffn_bias", True)),
-        "num_register_tokens": int(_get(student, "num_register_tokens", 0)),
-        "interpolate_antialias": bool(_get(student, "interpolate_antialias", False)),
-        "interpolate_offset": float(_get(student, "interpolate_offset", 0.1)),
+        "img_size": int(student["img_size"]),
+        "patch_size": int(student["patch_size"]),
+        "init_values": student["layerscale"],
+        "ffn_layer": str(student["ffn_layer"]),
+        "block_chunks": int(student["block_chunks"]),
+        "qkv_bias": bool(student["qkv_bias"]),
+        "proj_bias": bool(student["proj_bias"]),
+        "ffn_bias": bool(student["ffn_bias"]),
+        "num_register_tokens": int(student["num_register_tokens"]),
+        "interpolate_antialias": bool(student["interpolate_antialias"]),
+        "interpolate_offset": float(student["interpolate_offset"]),
     }
     for key in _OVERRIDABLE:
-        value = _get(student, key, None)
-        if value is not None:
-            kwargs[key] = int(value)
-    arch = str(_get(student, "arch", "vit_large"))
-    L = int(_get(student, "L", 0))
+        if student[key] is not None:
+            kwargs[key] = int(student[key])
+    L, V, temp = int(student["L"]), int(student["V"]), float(student["temp"])
+    check_sem(L, V, temp, arch=str(student["arch"]))
     if L > 0:
-        V = int(_get(student, "V", 0))
-        if V <= 1:
-            raise ValueError(f"student.L={L} turns SEM on but student.V={V}; set student.V > 1")
-        kwargs.update(
-            L=L,
-            V=V,
-            temp=float(_get(student, "temp", 1.0)),
-            sem_variant=str(_get(student, "sem_variant", "full")),
-        )
-    elif arch.removesuffix("_memeff").endswith("_sem"):
-        raise ValueError(
-            f"student.arch={arch} needs student.L > 0 (and student.V); "
-            f"set them or use student.arch={arch.removesuffix('_sem')}"
-        )
+        kwargs.update(L=L, V=V, temp=temp, sem_variant=str(student["sem_variant"]))
     return kwargs
 
 
@@ -81,13 +57,13 @@ def build_model_from_cfg(cfg: Any, only_teacher: bool = False) -> Any:
 
     The teacher has no drop path; the student gets ``student.drop_path_rate`` and
     ``student.drop_path_uniform``. SEM is on iff ``student.L`` > 0. The pos-embed is defined for
-    ``student.img_size`` (default 518, the released weights) and interpolated to the crop sizes.
+    ``student.img_size`` (518 for the released weights) and interpolated to the crop sizes.
     With ``only_teacher=True`` returns ``(teacher, embed_dim)`` as the reference does.
     """
-    student_cfg = _get(cfg, "student", None)
-    if student_cfg is None:
+    if "student" not in cfg:
         raise ValueError("config has no 'student' section")
-    arch = str(_get(student_cfg, "arch", "vit_large"))
+    student_cfg = cfg["student"]
+    arch = str(student_cfg["arch"])
     kwargs = backbone_kwargs(student_cfg)
     teacher = build_backbone(arch, **kwargs)
     if only_teacher:
@@ -95,7 +71,7 @@ def build_model_from_cfg(cfg: Any, only_teacher: bool = False) -> Any:
     student = build_backbone(
         arch,
         **kwargs,
-        drop_path_rate=float(_get(student_cfg, "drop_path_rate", 0.0)),
-        drop_path_uniform=bool(_get(student_cfg, "drop_path_uniform", False)),
+        drop_path_rate=float(student_cfg["drop_path_rate"]),
+        drop_path_uniform=bool(student_cfg["drop_path_uniform"]),
     )
     return student, teacher, student.embed_dim

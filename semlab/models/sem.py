@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from semlab.config.checks import check_sem
+
 SEM_VARIANTS = ("full", "shared", "pos_shared")
 
 
@@ -54,8 +56,7 @@ class SEMMixin:
         variant: str = "full",
         view_dim: int | None = None,
     ) -> None:
-        if int(L) <= 0 or V is None or int(V) <= 1:
-            raise ValueError(f"SEM needs L > 0 simplices of V > 1 vertices, got L={L}, V={V}")
+        check_sem(L, V, building=True)
         if variant not in SEM_VARIANTS:
             raise ValueError(f"unknown sem_variant {variant!r}; expected one of {SEM_VARIANTS}")
         self.sem_L, self.sem_V, self.sem_variant = int(L), int(V), variant
@@ -80,10 +81,8 @@ class SEMMixin:
 
     def set_sem_temp(self, temp: float) -> None:
         """Set the softmax temperature tau used when no ``temp`` is passed (1e-5 at evaluation)."""
-        temp = float(temp)
-        if not temp > 0.0:
-            raise ValueError(f"SEM temperature must be > 0, got {temp}")
-        self.sem_temp = temp
+        check_sem(temp=temp)
+        self.sem_temp = float(temp)
 
     def sem_logits(self, tokens: Tensor) -> Tensor:
         """Normalised logits ``z`` (B, L*V) from tokens (B, 1+R, D) or flat (B, (1+R)*D)."""
@@ -100,8 +99,7 @@ class SEMMixin:
     def sem_simplex_from_logits(self, z: Tensor, temp: float | None = None) -> Tensor:
         """``flatten(softmax(view(z, B, L, V) / tau))``, computed in float32, returned in z's dtype."""
         tau = self.sem_temp if temp is None else float(temp)
-        if not tau > 0.0:
-            raise ValueError(f"SEM temperature must be > 0, got {tau}")
+        check_sem(temp=tau)
         s = (z.float() / tau).view(z.shape[0], self.sem_L, self.sem_V).softmax(dim=-1)
         return s.flatten(1).to(z.dtype)
 

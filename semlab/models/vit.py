@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semlab.config.checks import check_sem
 from semlab.models.layers import FFN_LAYERS, Block, BlockChunk, PatchEmbed
 from semlab.models.sem import SEMMixin
 
@@ -167,8 +168,7 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
 
         self.sem_L = int(L or 0)
         if self.sem_L > 0:
-            if V is None or int(V) <= 1:
-                raise ValueError(f"SEM with L={L} needs V > 1 vertices per simplex, got V={V}")
+            check_sem(L, V)
             self._init_sem(
                 (1 + num_register_tokens) * embed_dim,
                 embed_dim,
@@ -370,8 +370,8 @@ def _make(
     arch: str, kwargs: dict[str, Any], sem_defaults: dict[str, Any] | None = None
 ) -> DinoVisionTransformer:
     merged = {**_ARCHS[arch], **(sem_defaults or {}), **kwargs}
-    if sem_defaults is not None and not merged.get("L"):
-        raise ValueError(f"{arch}_sem needs L > 0 (and V); use {arch} for a backbone without SEM")
+    if sem_defaults is not None:
+        check_sem(merged.get("L"), merged.get("V"), arch=f"{arch}_sem")
     return DinoVisionTransformer(**merged)
 
 

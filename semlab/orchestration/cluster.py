@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -57,13 +58,20 @@ def wants_ray(cfg: DictConfig) -> bool:
 
 
 def _recorded_cluster() -> str | None:
-    """Address of the last ``ray start`` head on this machine, if Ray recorded one."""
-    try:
-        from ray._private.services import find_bootstrap_address
+    """Address of the last ``ray start`` head on this machine, if Ray recorded one.
 
-        return find_bootstrap_address(None)
-    except Exception:  # noqa: BLE001 - private helper; absence just means "none recorded"
+    Ray 2.60 has no public call for "the cluster that ``ray start`` recorded": ``ray.init("auto")``
+    reads the same record but then falls back to any ``gcs_server`` visible on the machine
+    (ray-project/ray#55244; the record itself comes from ray-project/ray#26678). So this reads the
+    file ``ray start`` writes, ``<RAY_TMPDIR or TMPDIR or /tmp>/ray/ray_current_cluster``, the
+    way Ray's own (private) ``read_ray_address`` does, without importing Ray's private modules.
+    """
+    tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        address = (Path(tmp) / "ray" / "ray_current_cluster").read_text().strip()
+    except OSError:
         return None
+    return address or None
 
 
 def start_local(
@@ -71,13 +79,24 @@ def start_local(
     num_gpus: int | None = None,
     object_store_memory_gb: float = 4.0,
     temp_dir: str | None = None,
+    include_dashboard: bool | None = None,
+    loopback_only: bool = False,
 ) -> ClusterHandle:
-    """Start a private single-node Ray cluster inside this process (see the module doc)."""
+    """Start a private single-node Ray cluster inside this process (see the module doc).
+
+    ``include_dashboard`` None is Ray's default (on when ``ray[default]`` is installed; a Tune
+    sweep needs it); tests and data benchmarks pass False to start faster. ``loopback_only``: the
+    node's address is 127.0.0.1 (not the machine's outward address; see :func:`_bind_loopback`).
+    """
+    if loopback_only:
+        _bind_loopback()
     import ray
 
+    if float(object_store_memory_gb) <= 0:
+        raise ClusterError(f"object_store_memory_gb must be positive, got {object_store_memory_gb}")
     kwargs: dict = {
         "address": "local",
-        "include_dashboard": None,  # Ray's default: on when ray[default] is installed, never required
+        "include_dashboard": include_dashboard,
         "dashboard_host": "127.0.0.1",
         "_node_ip_address": "127.0.0.1",
         "object_store_memory": int(float(object_store_memory_gb) * 1024**3),
@@ -93,6 +112,25 @@ def start_local(
     address = getattr(ctx, "address_info", {}).get("gcs_address", "local")
     logger.info("started a local Ray cluster (%s CPUs) at %s", num_cpus or "all", address)
     return ClusterHandle(address=str(address), started=True)
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _bind_loopback() -> None:
+    """Make the next local Ray node use 127.0.0.1 as its address.
+
+    Ray 2.60 has no public way to do this on Linux: ``ray.init(_node_ip_address="127.0.0.1")`` is
+    replaced by the machine's outward address, and only ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``
+    = False (the single-node mode Ray added for the firewall prompts of ray-project/ray#18730) keeps
+    the loopback address. Ray reads that flag from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is
+    first imported, so the variable is set here, and the constant too when Ray is already imported.
+    """
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    if os.environ[LOOPBACK_ENV] == "0":
+        import ray._private.ray_constants as ray_constants  # Ray 2.60, see the docstring
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _join(address: str) -> ClusterHandle:

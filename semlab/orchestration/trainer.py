@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from semlab.config import resolved_copy
 from semlab.orchestration.worker import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,16 @@ def storage_path(cfg: DictConfig, output_dir: str | Path) -> str:
     if not path:
         return str(Path(output_dir).resolve() / "ray_results")
     return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def make_data_config(cfg: DictConfig) -> Any:
+    """``ray.train.DataConfig`` for ``TorchTrainer(datasets={"train": ds}, dataset_config=...)``: split only
+    "train" across workers, with ``data_execution_options`` (Train otherwise copies the driver's)."""
+    from ray.train import DataConfig
+
+    from semlab.data.ray_pipeline import data_execution_options
+
+    return DataConfig(datasets_to_split=["train"], execution_options=data_execution_options(cfg))
 
 
 def scaling_config(cfg: DictConfig) -> Any:
@@ -158,10 +169,11 @@ def worker_config(
     knn: bool = True,
     data_factory: Any = None,
 ) -> dict[str, Any]:
-    """The ``train_loop_config`` handed to every worker (plain data, plus an optional picklable
-    ``data_factory(cfg, rank, world, start_iter) -> iterator`` replacing the configured data)."""
+    """The ``train_loop_config`` handed to every worker: the resolved config (still a DictConfig),
+    plain run settings, and an optional picklable ``data_factory(cfg, rank, world, start_iter) ->
+    iterator`` replacing the configured data."""
     return {
-        "cfg": OmegaConf.to_container(cfg, resolve=True),
+        "cfg": resolved_copy(cfg),
         "output_dir": str(Path(output_dir).resolve()),
         "resume": bool(resume),
         "epoch_start": int(epoch_start),
@@ -204,7 +216,7 @@ def build_trainer(
     datasets, dataset_config = None, None
     epoch_start = 0
     if str(cfg.data.backend).lower() == "ray" and data_factory is None:
-        from semlab.data.ray_pipeline import build_ray_dataset, make_data_config
+        from semlab.data.ray_pipeline import build_ray_dataset
 
         epoch_start = ray_epoch_start(cfg, start_iter)
         datasets = {"train": build_ray_dataset(cfg, "TRAIN", epoch_start=epoch_start)}

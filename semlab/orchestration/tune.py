@@ -50,13 +50,13 @@ def default_metric(cfg: DictConfig) -> tuple[str, str]:
 def trial_config(base: dict[str, Any], L: int, temp: float) -> DictConfig:
     """The base config (a resolved container) with ``student.L``, ``student.temp`` and the MLflow
     run name set."""
-    from semlab.orchestration.worker import config_from_container
+    from semlab.config import config_from_container
+    from semlab.config.checks import check_sem
 
     cfg = config_from_container(base)
     cfg.student.L = int(L)
     cfg.student.temp = float(temp)
-    if int(L) > 0 and int(cfg.student.V) <= 1:
-        raise ValueError(f"student.L={L} needs student.V > 1 in the base config (got {cfg.student.V})")
+    check_sem(cfg.student.L, cfg.student.V, cfg.student.temp, arch=str(cfg.student.arch))
     cfg.mlflow.run_name = trial_dirname(L, temp)
     return cfg
 
@@ -102,19 +102,21 @@ def run_sweep(
     """
     from ray import tune
 
+    from semlab.config.checks import check_sem
     from semlab.orchestration.cluster import require_state_api
 
     if not L_values or not temp_values:
         raise ValueError("a sweep needs at least one value of student.L and one of student.temp")
-    bad = [t for t in temp_values if float(t) <= 0]
-    if bad:
-        raise ValueError(f"student.temp values must be > 0, got {bad}")
+    for temp in temp_values:
+        check_sem(temp=temp)
     require_state_api()
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     param_space = {
         "student.L": tune.grid_search([int(v) for v in L_values]),
         "student.temp": tune.grid_search([float(v) for v in temp_values]),
+        # Tune's param_space is plain data (Tune records each trial's config): the one place where a
+        # semlab config travels as a dict; trial_config turns it back into a DictConfig.
         "base": OmegaConf.to_container(cfg, resolve=True),
         "sweep_dir": str(sweep_dir),
         "mlflow": bool(mlflow),

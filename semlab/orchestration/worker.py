@@ -14,8 +14,8 @@ torch process group (NCCL on GPU, gloo on CPU) when this function starts. Each w
    :class:`RayTrainReporter` (checkpoints to Ray on all ranks; MLflow on rank 0);
 4. reports the final metrics (k-NN) to Ray, which Tune sees.
 
-The ``config`` dict (``train_loop_config``) holds plain data only: the resolved config as a
-container, the output dir, the resume flag, the Ray Data ``epoch_start`` and an optional fault
+The ``config`` dict (``train_loop_config``) holds the resolved config (a DictConfig, pickled by
+Ray), the output dir, the resume flag, the Ray Data ``epoch_start`` and an optional fault
 injection (tests: ``{"iteration": k, "rank": r}`` makes rank ``r`` die with ``os._exit(1)`` when
 it fetches the batch of iteration ``k``, once per output dir).
 """
@@ -30,19 +30,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 logger = logging.getLogger(__name__)
 
 FAULT_MARKER = ".semlab_fault_injected"
 DataFactory = Callable[[int], Iterator[dict[str, Any]]]
-
-
-def config_from_container(container: dict[str, Any]) -> DictConfig:
-    """The struct-mode DictConfig of a ``OmegaConf.to_container(cfg, resolve=True)`` dict."""
-    cfg = OmegaConf.create(container)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
 
 
 # --------------------------------------------------------------------------- resume
@@ -93,7 +86,7 @@ def remove_stale_temporaries(output_dir: Path) -> list[str]:
 def restore_ray_checkpoint(checkpoint: Any, output_dir: Path, local_rank: int) -> bool:
     """Clean up after a killed attempt and materialise Ray's checkpoint on each node (local rank 0),
     then wait for all ranks."""
-    from semlab.train import distributed
+    from semlab.utils import distributed
 
     if local_rank == 0:
         remove_stale_temporaries(output_dir)
@@ -179,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    cfg = config_from_container(config["cfg"])
+    cfg: DictConfig = config["cfg"]
     output_dir = Path(config["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     device = ray.train.torch.get_device()

@@ -4,7 +4,7 @@ choice (with a local fallback when a server is down), syncing and comparison cha
 ``mlflow`` itself is imported lazily, so ``import semlab.tracking`` stays cheap.
 """
 
-from semlab.tracking.mlflow_reporter import MLflowReporter, global_rank, run_tags
+from semlab.tracking.mlflow_reporter import MLflowReporter, run_tags
 from semlab.tracking.runs import RUN_RECORD, RunLogger, find_run_record, read_run_record
 from semlab.tracking.store import (
     TrackingTarget,
@@ -24,7 +24,6 @@ __all__ = [
     "check_reachable",
     "default_store",
     "find_run_record",
-    "global_rank",
     "read_run_record",
     "redact_uri",
     "resolve_tracking",

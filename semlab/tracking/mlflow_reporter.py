@@ -37,23 +37,9 @@ from semlab.tracking.store import (
     resolve_tracking,
 )
 from semlab.train.reporting import Reporter
+from semlab.utils.distributed import launcher_rank
 
 logger = logging.getLogger(__name__)
-
-
-def global_rank() -> int:
-    """Rank of this process: ``torch.distributed`` when initialised, else the ``RANK`` env variable."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def semlab_version() -> str:
@@ -118,7 +104,7 @@ class MLflowReporter(Reporter):
         self.output_dir = Path(output_dir)
         self.flush_every_s = float(flush_every_s)
         self.flush_every_n = int(flush_every_n)
-        self.rank = global_rank() if rank is None else int(rank)
+        self.rank = launcher_rank() if rank is None else int(rank)
         self.active = bool(cfg.mlflow.enabled) and self.rank == 0
         self.run: RunLogger | None = None
         self.target: TrackingTarget | None = None

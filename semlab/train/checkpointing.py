@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from semlab.config import save_config
-from semlab.train import distributed
+from semlab.utils import distributed
 from semlab.utils.atomic import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -268,31 +268,38 @@ def restore_checkpoint(
 
 
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
-    """Initialise student and teacher from ``MODEL.WEIGHTS``.
+    """Initialise student and teacher from ``MODEL.pretrained_backbone``, the one initial-weights key.
 
-    Accepted: a semlab full checkpoint (its ``model`` entry; optimizer and iteration are not used)
-    or a teacher checkpoint ``{"teacher": {...}}`` (semlab or reference layout), whose modules are
-    loaded into both the student and the teacher.
+    Accepted, by content:
+
+    - a semlab full checkpoint (its ``model`` entry; optimizer and iteration are not used);
+    - a teacher checkpoint ``{"teacher": {...}}`` (semlab or reference layout) holding every student
+      module (``backbone.*``, ``dino_head.*``[, ``ibot_head.*``]): all are loaded into the student;
+    - anything else ``semlab.models.load_weights`` reads (a released DINOv2 backbone, a teacher
+      checkpoint without heads...): the backbone only (its SEM layers may be missing).
+
+    The teacher is then a copy of the student.
     """
-    from semlab.models import load_weights
+    from semlab.models import load_weights, read_checkpoint
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)
     except Exception as exc:
-        raise CheckpointLoadError(f"cannot read MODEL.WEIGHTS={path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointLoadError(
+            f"cannot read MODEL.pretrained_backbone={path}: {type(exc).__name__}: {exc}"
+        ) from exc
     if isinstance(ckpt, dict) and "model" in ckpt and "format" in ckpt:
         set_model_state_dict(model, ckpt["model"], options=FULL)
         return
-    if isinstance(ckpt, dict) and "teacher" in ckpt:
-        teacher = ckpt["teacher"]
-        for key in model.student:
-            sub = {k[len(key) + 1 :]: v for k, v in teacher.items() if k.startswith(f"{key}.")}
-            if not sub:
-                raise CheckpointLoadError(f"MODEL.WEIGHTS={path} has no 'teacher.{key}.*' entries")
+    teacher = ckpt.get("teacher") if isinstance(ckpt, dict) else None
+    parts = {}
+    if isinstance(teacher, dict):
+        parts = {key: {k[len(key) + 1 :]: v for k, v in teacher.items() if k.startswith(f"{key}.")}
+                 for key in model.student}
+    if parts and all(parts.values()):
+        for key, sub in parts.items():
             load_weights(model.student[key], sub)
-        model.copy_student_to_teacher()
-        return
-    raise CheckpointLoadError(
-        f"MODEL.WEIGHTS={path} is neither a semlab full checkpoint nor a teacher checkpoint "
-        "({'teacher': ...}); for a bare backbone use MODEL.pretrained_backbone"
-    )
+    else:
+        backbone = model.student["backbone"]
+        load_weights(backbone, ckpt, allow_missing_sem=bool(getattr(backbone, "has_sem", False)))
+    model.copy_student_to_teacher()

@@ -36,10 +36,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from semlab.config import apply_scaling_rules
-from semlab.train import distributed
 from semlab.train.checkpointing import (
     find_resume_checkpoint,
-    load_initial_weights,
     restore_checkpoint,
     save_checkpoint,
     save_eval_checkpoint,
@@ -48,6 +46,7 @@ from semlab.train.checkpointing import (
 from semlab.train.param_groups import apply_optim_schedule, build_optimizer
 from semlab.train.reporting import Reporter
 from semlab.train.schedules import build_schedules
+from semlab.utils import distributed
 from semlab.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -203,21 +202,19 @@ def is_due(iteration: int, period: int) -> bool:
     return period > 0 and (iteration + 1) % period == 0
 
 
-def resume_or_initialise(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: DictConfig, output_dir: Path, resume: bool
+def resume_point(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: Path, resume: bool
 ) -> tuple[int, dict[str, Any] | None, Path | None]:
-    """(first iteration, RNG state to restore, checkpoint path): from the last checkpoint of
-    ``output_dir`` when resuming and there is one, else from ``MODEL.pretrained_backbone`` (or scratch)."""
+    """(first iteration, RNG state to restore, checkpoint path) of the last checkpoint of
+    ``output_dir`` when resuming and there is one; else ``(0, None, None)``: the model keeps the
+    weights it was built with (``MODEL.pretrained_backbone``, loaded by ``SSLMetaArch``)."""
     found = find_resume_checkpoint(output_dir) if resume else None
-    if found is not None:
-        last_ckpt, ckpt = found
-        start = restore_checkpoint(model, optimizer, ckpt, restore_rng=False) + 1
-        logger.info("resumed from %s: starting at iteration %d", last_ckpt, start)
-        return start, ckpt["rng"], last_ckpt
-    if cfg.MODEL.WEIGHTS:
-        load_initial_weights(model, cfg.MODEL.WEIGHTS)
-        logger.info("initialised student and teacher from MODEL.WEIGHTS=%s", cfg.MODEL.WEIGHTS)
-    return 0, None, None
+    if found is None:
+        return 0, None, None
+    last_ckpt, ckpt = found
+    start = restore_checkpoint(model, optimizer, ckpt, restore_rng=False) + 1
+    logger.info("resumed from %s: starting at iteration %d", last_ckpt, start)
+    return start, ckpt["rng"], last_ckpt
 
 
 def _show_progress() -> bool:
@@ -237,9 +234,9 @@ def do_train(
 
     ``data_iter``: an iterator of batch dicts, or a callable ``start_iter -> iterator`` (preferred:
     after a resume it is called with the number of batches already consumed). ``resume``: continue
-    from ``<output_dir>/checkpoints/last_checkpoint`` if present (else start from
-    ``MODEL.WEIGHTS`` if set). ``start_iteration``: force the first iteration (callers that restore
-    state themselves); default: the resumed checkpoint's iteration + 1, or 0.
+    from ``<output_dir>/checkpoints/last_checkpoint`` if present (else the model's own weights).
+    ``start_iteration``: force the first iteration (callers that restore state themselves);
+    default: the resumed checkpoint's iteration + 1, or 0.
     Raises ``NonFiniteLossError`` on a NaN/inf total loss.
     """
     output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
@@ -256,7 +253,7 @@ def do_train(
     log_period = max(int(cfg.train.log_period_iterations), 1)
     clip = float(cfg.optim.clip_grad or 0.0)
 
-    start, rng_state, last_ckpt = resume_or_initialise(model, optimizer, cfg, output_dir, resume)
+    start, rng_state, last_ckpt = resume_point(model, optimizer, output_dir, resume)
     start = int(start_iteration) if start_iteration is not None else start
     model.train()
     batches: Iterator[dict[str, Any]] = data_iter(start) if callable(data_iter) else data_iter

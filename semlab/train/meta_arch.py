@@ -38,8 +38,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from semlab.config.checks import check_initial_weights
 from semlab.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from semlab.models import DINOHead, build_model_from_cfg, load_weights
+from semlab.models import DINOHead, build_model_from_cfg
+from semlab.train.checkpointing import load_initial_weights
 from semlab.train.param_groups import get_param_groups
 
 logger = logging.getLogger(__name__)
@@ -66,12 +68,6 @@ class SSLMetaArch(nn.Module):
         self.cfg = cfg
         student_backbone, teacher_backbone, embed_dim = build_model_from_cfg(cfg)
         self.embed_dim = embed_dim
-        pretrained = cfg.MODEL.pretrained_backbone or cfg.student.pretrained_weights
-        if pretrained:
-            has_sem = bool(getattr(student_backbone, "has_sem", False))
-            logger.info("loading pretrained backbone %s into the student (and teacher)", pretrained)
-            load_weights(student_backbone, pretrained, allow_missing_sem=has_sem)
-
         self.do_dino = float(cfg.dino.loss_weight) > 0
         self.do_koleo = float(cfg.dino.koleo_loss_weight) > 0
         self.do_ibot = float(cfg.ibot.loss_weight) > 0
@@ -104,7 +100,12 @@ class SSLMetaArch(nn.Module):
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
         self.koleo_loss = KoLeoLoss()
 
-        self.copy_student_to_teacher()
+        check_initial_weights(cfg)
+        if cfg.MODEL.pretrained_backbone:
+            logger.info("initialising student and teacher from %s", cfg.MODEL.pretrained_backbone)
+            load_initial_weights(self, cfg.MODEL.pretrained_backbone)
+        else:
+            self.copy_student_to_teacher()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()

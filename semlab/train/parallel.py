@@ -47,6 +47,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from semlab.utils.distributed import get_world_size
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("SHARD_GRAD_OP", "FULL_SHARD", "NO_SHARD")
@@ -58,11 +60,6 @@ _EXTRA_FORWARD_METHODS = ("get_intermediate_layers", "sem_raw", "dlc")
 
 class ParallelError(ValueError):
     """The parallel configuration cannot be applied; the message says what to change."""
-
-
-def world_size() -> int:
-    """World size of the default process group (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def resolve_strategy(cfg: DictConfig) -> str:
@@ -173,7 +170,7 @@ class GradientAllReduce:
     """
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
-        self.world = world_size()
+        self.world = get_world_size()
         self._pending: list[Any] = []
         self._queued = False
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params if p.requires_grad]
@@ -220,7 +217,7 @@ def parallelize(
     _check_meta_arch(meta_arch)
     device = torch.device(device)
     meta_arch.to(device)
-    world = world_size()
+    world = get_world_size()
     if force_shard and not (dist.is_available() and dist.is_initialized()):
         raise ParallelError(
             "force_shard needs a process group: call torch.distributed.init_process_group first"

@@ -30,11 +30,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from semlab.config import apply_scaling_rules, save_config
-from semlab.train import distributed
 from semlab.train.loop import do_train
 from semlab.train.meta_arch import SSLMetaArch
 from semlab.train.parallel import is_sharded, parallelize
 from semlab.train.reporting import Reporter
+from semlab.utils import distributed
 
 DataFactory = Callable[[int], Iterator[dict[str, Any]]]
 Evaluation = Callable[[nn.Module, int], dict[str, float]]
