@@ -4,7 +4,7 @@ Input: scikit-learn's ``china.jpg`` (427 x 640 JPEG, a real photo shipped with s
 decoded from its bytes and turned into 2 global crops (224) + 8 local crops (98) as the vitl14_sem_L512
 recipe does. Compared pipelines:
 
-- ``semlab``: :class:`semlab.data.augment.DataAugmentationDINO` (decode once, draft mode, box resize,
+- ``semlab``: :class:`semlab.data.pipeline.augment.DataAugmentationDINO` (decode once, draft mode, box resize,
   colour/blur/normalise on small float tensors);
 - ``reference-style``: PIL decode + torchvision ``RandomResizedCrop`` / ``ColorJitter`` / ``RandomGrayscale``
   / ``GaussianBlur(9)`` / ``RandomSolarize`` / ``ToTensor`` / ``Normalize`` per crop, as the DINOv2 code
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from semlab.data.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataAugmentationDINO
+from semlab.data.pipeline.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataAugmentationDINO
 
 GLOBAL_SIZE, LOCAL_SIZE, N_LOCAL = 224, 98, 8
 GLOBAL_SCALE, LOCAL_SCALE = (0.32, 1.0), (0.05, 0.32)

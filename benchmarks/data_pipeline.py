@@ -52,7 +52,7 @@ def china_tree(root: Path, n: int, classes: int = 4) -> str:
 
 
 def prepare(dataset_str: str, out: Path) -> str:
-    from semlab.data.shards import prepare_shards
+    from semlab.data.datasets.shards import prepare_shards
 
     manifest = prepare_shards(dataset_str, str(out), splits=["TRAIN"], rows_per_shard=16, progress=False)
     n = manifest["splits"]["TRAIN"]["num_samples"]
@@ -63,8 +63,8 @@ def prepare(dataset_str: str, out: Path) -> str:
 def in_process_rate(dataset_str: str, cfg, n: int) -> float:
     import torch
 
-    from semlab.data.augment import make_augmentation
-    from semlab.data.dataset_str import make_dataset
+    from semlab.data.datasets.factory import make_dataset
+    from semlab.data.pipeline.augment import make_augmentation
 
     ds = make_dataset(dataset_str)
     aug = make_augmentation(cfg)
@@ -99,7 +99,7 @@ def bench_source(
 ) -> list[tuple]:
     import ray
 
-    from semlab.data import ray_pipeline as rp
+    from semlab.data.pipeline import ray_pipeline as rp
 
     rows = []
     for c in cpus:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from semlab.config import apply_scaling_rules, load_config
-from semlab.data.collate import collate_data_and_cast
-from semlab.data.loaders import make_masking
+from semlab.data.pipeline.collate import collate_data_and_cast
+from semlab.data.pipeline.loaders import make_masking
 from semlab.train.loop import train_step
 from semlab.train.meta_arch import SSLMetaArch
 from semlab.train.parallel import parallelize

@@ -42,16 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from semlab.data import make_dataset
+    from semlab.data import make_dataset, make_eval_transform
     from semlab.eval.dlc import export_dlc
     from semlab.eval.linear import build_eval_backbone
-    from semlab.eval.probe_data import probe_transforms
 
     try:
         backbone = build_eval_backbone(cfg, args.pretrained_weights or None)
         if not getattr(backbone, "has_sem", False):
             raise ValueError(f"the model of {args.config_file} has no SEM (student.L = 0): it has no codes")
-        make_eval_transform = probe_transforms()[1]
         transform = make_eval_transform(int(cfg.linear.resize_size), int(cfg.linear.crop_size))
         dataset = make_dataset(args.dataset, transform=transform)
         export_dlc(backbone, dataset, args.output, batch_size=args.batch_size, num_workers=args.num_workers,

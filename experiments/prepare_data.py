@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from semlab.data.shards import ensure_imagenet_extra, prepare_shards  # noqa: E402
+from semlab.data.datasets.shards import ensure_imagenet_extra, prepare_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision.transforms import v2 as T2
 from torchvision.transforms.v2 import functional as TF
 
-from semlab.data import augment as A
-from semlab.data.augment import (
+from semlab.data.pipeline import augment as A
+from semlab.data.pipeline.augment import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     CropParams,

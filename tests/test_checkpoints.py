@@ -117,7 +117,7 @@ def test_released_backbone_into_sem_model_needs_allow_missing_sem(caplog: pytest
     with pytest.raises(CheckpointError, match="allow_missing_sem") as err:
         load_weights(model, sd)
     assert "sem_embed.weight" in str(err.value)
-    with caplog.at_level(logging.INFO, logger="semlab.models.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="semlab.models.weight_layouts"):
         result = load_weights(model, sd, allow_missing_sem=True)
     assert sorted(result.missing) == sorted(
         ["sem_embed.weight", "sem_norm.weight", "sem_norm.bias", "sem_out.weight"]
@@ -178,7 +178,7 @@ def test_non_strict_loads_what_fits(caplog: pytest.LogCaptureFixture) -> None:
     sd = src.state_dict()
     sd["norm.bias"] = torch.zeros(7)
     dst = tiny()
-    with caplog.at_level(logging.WARNING, logger="semlab.models.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="semlab.models.weight_layouts"):
         result = load_weights(dst, sd, strict=False)
     assert result.mismatched == [("norm.bias", (7,), (32,))]
     assert torch.equal(dst.norm.weight, src.norm.weight)
@@ -219,7 +219,7 @@ def test_which_selects_and_explains() -> None:
 def test_pos_embed_interpolated_on_load(caplog: pytest.LogCaptureFixture) -> None:
     big = tiny(img_size=70)  # 5x5 grid
     small = tiny(img_size=42, interpolate_antialias=True, interpolate_offset=0.0)  # 3x3 grid
-    with caplog.at_level(logging.INFO, logger="semlab.models.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="semlab.models.weight_layouts"):
         result = load_weights(small, big.state_dict())
     assert result.interpolated == ["pos_embed"]
     assert "interpolated pos_embed from [1, 26, 32] to [1, 10, 32]" in caplog.text

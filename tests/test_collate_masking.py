@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from semlab.data import CorruptImageError, MaskingGenerator, collate_data_and_cast, make_local_data_iterator
-from semlab.data.demo import DEMO_CLASSES
-from semlab.data.loaders import EpochShuffleSampler
+from semlab.data.datasets.demo import DEMO_CLASSES
+from semlab.data.pipeline.loaders import EpochShuffleSampler
 
 # ---- masking -----------------------------------------------------------------------------------------
 

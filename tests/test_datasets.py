@@ -23,7 +23,7 @@ from semlab.data import (
     make_dataset,
     parse_dataset_str,
 )
-from semlab.data.demo import DEMO_CLASSES, DEMO_IMAGE_SIZE, DEMO_VERSION, generate_demo_split
+from semlab.data.datasets.demo import DEMO_CLASSES, DEMO_IMAGE_SIZE, DEMO_VERSION, generate_demo_split
 
 
 def jpeg_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (24, 16)) -> bytes:
@@ -306,7 +306,7 @@ def test_demo_concurrent_first_use(tmp_path: Path) -> None:
 
 def test_demo_texture_has_luma_contrast_in_every_crop() -> None:
     """The label is a two-tone texture: every 28 x 28 window (a small local crop) shows both tones."""
-    from semlab.data.demo import MIN_LUMA_CONTRAST, render_demo_image
+    from semlab.data.datasets.demo import MIN_LUMA_CONTRAST, render_demo_image
 
     for class_index in range(len(DEMO_CLASSES)):
         rng = np.random.default_rng([7, class_index])

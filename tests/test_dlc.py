@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from semlab.data.demo import DEMO_CLASSES
+from semlab.data.datasets.demo import DEMO_CLASSES
 from semlab.eval.dlc import (
     CODES_FILE,
     HISTOGRAM_FILE,

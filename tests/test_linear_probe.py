@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from semlab.data.demo import DEMO_CLASSES
+from semlab.data.datasets.demo import DEMO_CLASSES
 from semlab.eval.linear import (
     BEST_CLASSIFIER_FILE,
     RESULTS_FILE,
@@ -204,7 +204,7 @@ def test_seed_command_runs_on_the_demo(tmp_path):
 
 
 def test_sem_protocol_probes_the_raw_simplex_on_parquet_shards(tmp_path, one_thread):
-    from semlab.data.shards import prepare_shards
+    from semlab.data.datasets.shards import prepare_shards
 
     shards = tmp_path / "shards"
     prepare_shards("Demo:split=TRAIN:n_per_class=6", str(shards), splits=["TRAIN", "VAL"], rows_per_shard=25,

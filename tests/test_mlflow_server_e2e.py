@@ -91,8 +91,8 @@ def test_pretraining_and_probes_log_to_a_real_server(tmp_path, mlflow_server, mo
     from semlab.config import load_config
     from semlab.eval.auto import evaluate_after_pretraining
     from semlab.eval.knn_report import FinalKnn
-    from semlab.train.pretraining import run_pretraining
     from semlab.tracking import MLflowReporter
+    from semlab.train.pretraining import run_pretraining
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RANK", raising=False)

@@ -1,4 +1,4 @@
-"""Ray Data streaming of Parquet shards (semlab.data.ray_pipeline) on a real local Ray with 2 CPUs."""
+"""Ray Data streaming of Parquet shards (semlab.data.pipeline.ray_pipeline) on a real local Ray, 2 CPUs."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from semlab.config import load_config
-from semlab.data import ray_pipeline as rp
-from semlab.data.demo import DEMO_CLASSES
-from semlab.data.shards import prepare_shards
+from semlab.data.datasets.demo import DEMO_CLASSES
+from semlab.data.datasets.shards import prepare_shards
+from semlab.data.pipeline import ray_pipeline as rp
 from semlab.orchestration.cluster import start_local
 from semlab.orchestration.trainer import make_data_config
 
@@ -196,7 +196,7 @@ def test_ray_train_two_workers_disjoint_and_complete(ray_session, shard_dir, tmp
         (Nested, so that Ray pickles it by value: workers cannot import this test module.)"""
         import ray.train
 
-        from semlab.data import ray_pipeline
+        from semlab.data.pipeline import ray_pipeline
 
         cfg = config["cfg"]
         rank = ray.train.get_context().get_world_rank()

@@ -1,4 +1,5 @@
-"""Parquet shard preparation (semlab.data.shards) and the ``Parquet:`` dataset (semlab.data.parquet)."""
+"""Parquet shard preparation (semlab.data.datasets.shards) and the ``Parquet:`` dataset
+(semlab.data.datasets.parquet)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from semlab.data import shards
-from semlab.data.dataset_str import make_dataset
-from semlab.data.image_folder import DatasetError
-from semlab.data.parquet import ParquetDataset, ShardFormatError, parse_parquet_dataset_str
-from semlab.data.shards import prepare_shards
+from semlab.data.datasets import shards
+from semlab.data.datasets.factory import make_dataset
+from semlab.data.datasets.image_folder import DatasetError
+from semlab.data.datasets.parquet import ParquetDataset, ShardFormatError, parse_parquet_dataset_str
+from semlab.data.datasets.shards import prepare_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,9 +157,9 @@ def test_parquet_dataset_string_through_make_dataset(tmp_path, demo_str):
 
 
 def test_local_loader_reads_parquet_shards(tmp_path, demo_str):
-    """The no-Ray training path (semlab.data.loaders) works on a Parquet dataset string."""
+    """The no-Ray training path (semlab.data.pipeline.loaders) works on a Parquet dataset string."""
     from semlab.config import load_config
-    from semlab.data.loaders import make_local_data_iterator
+    from semlab.data.pipeline.loaders import make_local_data_iterator
 
     out = tmp_path / "shards"
     prepare_shards(demo_str, str(out), rows_per_shard=8, progress=False)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import variants  # noqa: E402
 
 from semlab.config import load_config  # noqa: E402
-from semlab.data.loaders import make_local_data_iterator  # noqa: E402
+from semlab.data.pipeline.loaders import make_local_data_iterator  # noqa: E402
 from semlab.eval.knn_report import knn_report  # noqa: E402
 from semlab.train.loop import METRICS_FILE, do_train, max_iterations  # noqa: E402
 from semlab.train.meta_arch import SSLMetaArch  # noqa: E402

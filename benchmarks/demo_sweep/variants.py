@@ -1,6 +1,7 @@
 """Variants of the demo dataset for the learning sweep: which texture properties one image shares.
 
-Every variant draws the 8 classes of ``semlab.data.demo`` (the same binary textures) on 112 x 112 images.
+Every variant draws the 8 classes of ``semlab.data.datasets.demo`` (the same binary textures) on
+112 x 112 images.
 A variant fixes, per image, which nuisances are drawn once for the whole image and which per Voronoi cell:
 
 ============  =======  ===============  ================  ==================
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from semlab.data import demo
+from semlab.data.datasets import demo
 
 # name: (cells (min, max), orientation and period shared by the image, ink/paper mode)
 VARIANTS = {

@@ -1,10 +1,17 @@
 """Data: dataset strings and datasets (ImageNet ``extra`` layout, ImageFolder, the embedded demo, Parquet
 shards), the DINOv2 multi-crop augmentation, iBOT block masking, collate, and the local data iterator.
 
-torch/PIL only; the Ray Data pipeline lives in ``semlab.data.ray_pipeline`` and imports Ray lazily.
+Two rooms: ``semlab.data.datasets`` (dataset strings and the datasets they name) and
+``semlab.data.pipeline`` (augment, masking, collate, loaders; the Ray Data stream in
+``semlab.data.pipeline.ray_pipeline``, which imports Ray lazily). torch/PIL only here.
 """
 
-from semlab.data.augment import (
+from semlab.data.datasets.dataset_str import DATASET_NAMES, parse_dataset_str
+from semlab.data.datasets.demo import DEMO_CLASSES, DemoDataset, default_demo_root, ensure_demo_split
+from semlab.data.datasets.factory import make_dataset
+from semlab.data.datasets.image_folder import CorruptImageError, DatasetError, ImageFolder
+from semlab.data.datasets.imagenet import ImageNet, dump_imagenet_extra
+from semlab.data.pipeline.augment import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     DataAugmentationDINO,
@@ -12,13 +19,9 @@ from semlab.data.augment import (
     make_eval_transform,
     make_probe_train_transform,
 )
-from semlab.data.collate import collate_data_and_cast
-from semlab.data.dataset_str import DATASET_NAMES, make_dataset, parse_dataset_str
-from semlab.data.demo import DEMO_CLASSES, DemoDataset, default_demo_root, ensure_demo_split
-from semlab.data.image_folder import CorruptImageError, DatasetError, ImageFolder
-from semlab.data.imagenet import ImageNet, dump_imagenet_extra
-from semlab.data.loaders import make_local_data_iterator
-from semlab.data.masking import MaskingGenerator
+from semlab.data.pipeline.collate import collate_data_and_cast
+from semlab.data.pipeline.loaders import make_local_data_iterator
+from semlab.data.pipeline.masking import MaskingGenerator
 
 __all__ = [
     "DATASET_NAMES",

@@ -84,33 +84,6 @@ def num_classes_of(*datasets: Any) -> int:
     return int(max(int(dataset_labels(ds).max()) for ds in datasets if len(ds))) + 1
 
 
-def probe_transforms() -> tuple[Any, Any]:
-    """``(make_probe_train_transform(crop), make_eval_transform(resize, crop))`` from ``semlab.data.augment``.
-
-    Train: RandomResizedCrop(crop, bicubic) + horizontal flip + ImageNet normalisation; eval:
-    Resize(resize, bicubic) + CenterCrop(crop) + normalisation. Falls back to the same transforms
-    built here with torchvision when the data layer does not provide them.
-    """
-    try:
-        from semlab.data.augment import make_eval_transform, make_probe_train_transform
-
-        return make_probe_train_transform, make_eval_transform
-    except ImportError:
-        from semlab.eval.features import IMAGENET_MEAN, IMAGENET_STD, make_eval_transform
-
-        def make_probe_train_transform(crop_size: int) -> Any:
-            from torchvision import transforms
-
-            return transforms.Compose([
-                transforms.RandomResizedCrop(crop_size, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ])
-
-        return make_probe_train_transform, make_eval_transform
-
-
 @dataclasses.dataclass
 class ProbeData:
     """Probe loaders: ``train`` infinite (augmented); ``holdout`` (None when empty) and ``val`` finite."""
@@ -148,8 +121,8 @@ def make_probe_data(
 ) -> ProbeData:
     """Build the three loaders from dataset strings (any ``make_dataset`` string, Parquet shards too)."""
     from semlab.data import make_dataset
+    from semlab.data.pipeline.augment import make_eval_transform, make_probe_train_transform
 
-    make_probe_train_transform, make_eval_transform = probe_transforms()
     train_aug = make_dataset(train_dataset, transform=make_probe_train_transform(crop_size))
     eval_tf = make_eval_transform(resize_size, crop_size)
     val = make_dataset(val_dataset, transform=eval_tf)

@@ -4,15 +4,6 @@ Pure PyTorch: nothing here knows of FSDP, torch.compile, Ray or MLflow.
 """
 
 from semlab.models.build import backbone_kwargs, build_backbone, build_model_from_cfg
-from semlab.models.checkpoints import (
-    CheckpointError,
-    LoadResult,
-    convert_block_layout,
-    extract_state_dict,
-    load_weights,
-    read_checkpoint,
-    save_weights,
-)
 from semlab.models.heads import DINOHead
 from semlab.models.sem import SEM_VARIANTS, SimplicialEmbedding
 from semlab.models.vit import (
@@ -29,6 +20,15 @@ from semlab.models.vit import (
     vit_small_sem,
     vit_tiny,
     vit_tiny_sem,
+)
+from semlab.models.weight_layouts import (
+    CheckpointError,
+    LoadResult,
+    convert_block_layout,
+    extract_state_dict,
+    load_weights,
+    read_checkpoint,
+    save_weights,
 )
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Orchestration: Ray Train pretraining (TorchTrainer), Ray Tune sweeps, Ray cluster helpers.
 
-Everything Ray-specific in semlab lives here (and in ``semlab.data.ray_pipeline``); the training
+Everything Ray-specific in semlab lives here (and in ``semlab.data.pipeline.ray_pipeline``); the training
 step itself is torch only. Modules (imported on use, so ``import semlab.orchestration`` stays cheap):
 
 - ``cluster``: start or join a Ray cluster (``ray.address``: auto | local | none | <address>);

@@ -179,7 +179,7 @@ def _check_resources(cfg: DictConfig) -> None:
             need_gpu,
         )
     if str(cfg.data.backend).lower() == "ray":
-        from semlab.data.ray_pipeline import check_cpu_budget
+        from semlab.data.pipeline.ray_pipeline import check_cpu_budget
 
         check_cpu_budget(
             have.get("CPU", 0.0),

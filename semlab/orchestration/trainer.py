@@ -61,7 +61,7 @@ def make_data_config(cfg: DictConfig) -> Any:
     "train" across workers, with ``data_execution_options`` (Train otherwise copies the driver's)."""
     from ray.train import DataConfig
 
-    from semlab.data.ray_pipeline import data_execution_options
+    from semlab.data.pipeline.ray_pipeline import data_execution_options
 
     return DataConfig(datasets_to_split=["train"], execution_options=data_execution_options(cfg))
 
@@ -130,7 +130,7 @@ def ray_epoch_start(cfg: DictConfig, start_iter: int) -> int:
     if start_iter <= 0:
         return 0
     try:
-        from semlab.data.parquet import parse_parquet_dataset_str, shard_paths
+        from semlab.data.datasets.parquet import parse_parquet_dataset_str, shard_paths
 
         options = parse_parquet_dataset_str(str(cfg.train.dataset_path))
         _, _, entry = shard_paths(options["path"], options.get("split", "TRAIN").upper())
@@ -216,7 +216,7 @@ def build_trainer(
     datasets, dataset_config = None, None
     epoch_start = 0
     if str(cfg.data.backend).lower() == "ray" and data_factory is None:
-        from semlab.data.ray_pipeline import build_ray_dataset
+        from semlab.data.pipeline.ray_pipeline import build_ray_dataset
 
         epoch_start = ray_epoch_start(cfg, start_iter)
         datasets = {"train": build_ray_dataset(cfg, "TRAIN", epoch_start=epoch_start)}

@@ -103,7 +103,7 @@ def make_data_factory(cfg: DictConfig, rank: int, world: int, epoch_start: int =
     """``start_iter -> iterator of batch dicts`` for this worker (see the module doc)."""
     backend = str(cfg.data.backend).lower()
     if backend == "local":
-        from semlab.data.loaders import make_local_data_iterator
+        from semlab.data.pipeline.loaders import make_local_data_iterator
 
         def local(start_iter: int) -> Iterator[dict[str, Any]]:
             return make_local_data_iterator(cfg, rank=rank, world_size=world, start_iter=start_iter)
@@ -112,7 +112,7 @@ def make_data_factory(cfg: DictConfig, rank: int, world: int, epoch_start: int =
     if backend == "ray":
         import ray.train
 
-        from semlab.data.ray_pipeline import iter_training_batches
+        from semlab.data.pipeline.ray_pipeline import iter_training_batches
 
         shard = ray.train.get_dataset_shard("train")
         if shard is None:

@@ -66,7 +66,7 @@ def prepare_run(cfg: DictConfig, output_dir: Path) -> None:
 
 def local_data(cfg: DictConfig) -> DataFactory:
     """``start_iter -> iterator`` of this rank's batches from the torch DataLoader (no Ray)."""
-    from semlab.data.loaders import make_local_data_iterator
+    from semlab.data.pipeline.loaders import make_local_data_iterator
 
     def factory(start_iter: int) -> Iterator[dict[str, Any]]:
         return make_local_data_iterator(

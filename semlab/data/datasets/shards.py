@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from semlab.data.image_folder import CorruptImageError, DatasetError
-from semlab.data.parquet import (
+from semlab.data.datasets.image_folder import CorruptImageError, DatasetError
+from semlab.data.datasets.parquet import (
     CHECKSUM_DIR,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -98,9 +98,10 @@ def default_splits(dataset_str: str) -> list[str]:
 
 def ensure_imagenet_extra(dataset_str: str, force: bool = False) -> dict[str, int] | None:
     """For an ``ImageNet:...`` string: write the DINOv2 ``extra`` index files (``entries-<SPLIT>.npy`` ...)
-    with :func:`semlab.data.imagenet.dump_imagenet_extra` when the extra folder has none (or ``force``).
+    with :func:`semlab.data.datasets.imagenet.dump_imagenet_extra` when the extra folder has none
+    (or ``force``).
     Returns ``{split: images}`` when it wrote them, else None; other dataset strings are left alone."""
-    from semlab.data.dataset_str import parse_dataset_str
+    from semlab.data.datasets.dataset_str import parse_dataset_str
 
     if not dataset_str.startswith("ImageNet:"):
         if force:
@@ -111,7 +112,7 @@ def ensure_imagenet_extra(dataset_str: str, force: bool = False) -> dict[str, in
     extra = Path(options.get("extra", options["root"])).expanduser()
     if not force and extra.is_dir() and any(extra.glob("entries-*.npy")):
         return None
-    from semlab.data.imagenet import dump_imagenet_extra
+    from semlab.data.datasets.imagenet import dump_imagenet_extra
 
     logger.info("writing the ImageNet extra index of %s into %s", root, extra)
     counts = dump_imagenet_extra(root, extra)
@@ -358,7 +359,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(dataset_str: str, plan: ShardPlan, output: str, split_dir: str) -> None:
-    from semlab.data.dataset_str import make_dataset
+    from semlab.data.datasets.factory import make_dataset
 
     _WORKER.update(
         dataset=make_dataset(dataset_str), plan=plan, fs=open_filesystem(output)[0], split_dir=split_dir
@@ -404,7 +405,7 @@ def prepare_split(
     """Write (or repair) the shards of one split; returns its manifest entry."""
     from tqdm import tqdm
 
-    from semlab.data.dataset_str import make_dataset
+    from semlab.data.datasets.factory import make_dataset
 
     split_str = with_split(dataset_str, split)
     dataset = make_dataset(split_str)

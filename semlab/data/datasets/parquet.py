@@ -1,6 +1,6 @@
 """Parquet image shards: the on-disk format, the manifest, filesystems, and the ``Parquet:`` dataset.
 
-A shard tree written by :mod:`semlab.data.shards` (``experiments/prepare_data.py``) looks like::
+A shard tree written by :mod:`semlab.data.datasets.shards` (``experiments/prepare_data.py``) looks like::
 
     <root>/manifest.json
     <root>/TRAIN/part-00000-of-00550.parquet ...
@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from semlab.data.image_folder import DatasetError, decode_image
+from semlab.data.datasets.dataset_str import parse_dataset_str
+from semlab.data.datasets.image_folder import DatasetError, decode_image
 
 FORMAT_NAME = "semlab-parquet-shards"
 FORMAT_VERSION = 1
@@ -111,8 +112,6 @@ def file_exists(fs: Any, path: str) -> bool:
 
 def parse_parquet_dataset_str(dataset_str: str) -> dict[str, str]:
     """``"Parquet:path=<dir or URI>[:split=VAL]"`` -> ``{"path": ..., ["split": ...]}`` (URIs keep ``:``)."""
-    from semlab.data.dataset_str import parse_dataset_str
-
     name, options = parse_dataset_str(dataset_str)
     if name != "Parquet":
         raise ShardFormatError(

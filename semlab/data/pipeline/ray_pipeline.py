@@ -7,7 +7,7 @@ Pipeline (``build_ray_dataset``)::
                      compute=TaskPoolStrategy(data.map_concurrency))
       -> per worker: streaming_split (Ray Train) -> iter_training_batches:
          local shuffle buffer, batches of train.batch_size_per_gpu, uint8 -> normalised float,
-         masks + collate (semlab.data.collate) in the worker -> the batch dict of the training step.
+         masks + collate (semlab.data.pipeline.collate) in the worker -> the batch dict of the training step.
 
 Randomness, all derived from the training seed ``s``:
 
@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from semlab.data.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_augmentation
-from semlab.data.parquet import ShardFormatError, parse_parquet_dataset_str, shard_paths
+from semlab.data.datasets.parquet import ShardFormatError, parse_parquet_dataset_str, shard_paths
+from semlab.data.pipeline.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +321,8 @@ def iter_training_batches(
     ``Dataset``/``DataIterator``. Each pass over it is one epoch (``epoch_start``, ``epoch_start + 1``, ...;
     keep it equal to the ``epoch_start`` given to :func:`build_ray_dataset`). Rows are grouped into batches of
     exactly ``train.batch_size_per_gpu`` (a partial batch at the end of an epoch is completed from the next
-    one), crops are normalised here, and masks + collation come from ``semlab.data.collate``: the yielded
+    one), crops are normalised here, and masks + collation come from ``semlab.data.pipeline.collate``:
+    the yielded
     dict is the batch dict of docs/architecture.md. ``rank`` (the caller's world rank: the Ray Train
     worker passes its own) seeds the shuffle and the masks.
     """
@@ -352,8 +353,8 @@ def make_worker_collate(cfg: Any, seed: int) -> Any:
     iBOT masks (DINOv2 settings: a ``(G/p) x (G/p)`` grid, at most half of it per block mask, ratios
     ``ibot.mask_ratio_min_max`` on ``ibot.mask_sample_probability`` of the global crops) from a generator
     seeded with ``seed``."""
-    from semlab.data.collate import collate_data_and_cast
-    from semlab.data.loaders import make_masking
+    from semlab.data.pipeline.collate import collate_data_and_cast
+    from semlab.data.pipeline.loaders import make_masking
 
     mask_generator, n_tokens = make_masking(cfg)
     ratios = tuple(float(r) for r in cfg.ibot.mask_ratio_min_max)

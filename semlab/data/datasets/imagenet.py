@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from semlab.data.image_folder import DatasetError, FileImageDataset
+from semlab.data.datasets.image_folder import DatasetError, FileImageDataset
 from semlab.utils.atomic import atomic_path
 
 SPLITS = ("TRAIN", "VAL", "TEST")

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from semlab.data.image_folder import DatasetError, ImageFolder
+from semlab.data.datasets.image_folder import DatasetError, ImageFolder
 
 DEMO_VERSION = "demo-v3"
 DEMO_SEED = 20240601

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from semlab.data.augment import DataAugmentationDINO, make_augmentation
-from semlab.data.collate import collate_data_and_cast
-from semlab.data.dataset_str import make_dataset
-from semlab.data.image_folder import CorruptImageError, DatasetError
-from semlab.data.masking import MaskingGenerator
+from semlab.data.datasets.factory import make_dataset
+from semlab.data.datasets.image_folder import CorruptImageError, DatasetError
+from semlab.data.pipeline.augment import DataAugmentationDINO, make_augmentation
+from semlab.data.pipeline.collate import collate_data_and_cast
+from semlab.data.pipeline.masking import MaskingGenerator
 
 SampleKey = tuple[int, int, int]  # (dataset index, epoch, global position)
 MASK_STREAM = 0x6D61736B  # tags the mask generators' seeds apart from the (seed, epoch, index) crop seeds
@@ -171,7 +171,8 @@ def make_local_data_iterator(
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LocalDataIterator:
-    """Infinite iterator of batch dicts (see :mod:`semlab.data.collate`) over ``cfg.train.dataset_path`` for
+    """Infinite iterator of batch dicts (see :mod:`semlab.data.pipeline.collate`) over
+    ``cfg.train.dataset_path`` for
     ``rank`` of ``world_size``, starting at batch ``start_iter`` (exact resume). ``seed`` defaults to
     ``cfg.train.seed``. Batch ``cfg.train.batch_size_per_gpu``, ``cfg.train.num_workers`` workers (0: in
     this process); crops from ``cfg.crops``; masks from ``cfg.ibot.mask_ratio_min_max`` and

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from semlab.data.masking import MaskingGenerator, UniformSource
+from semlab.data.pipeline.masking import MaskingGenerator, UniformSource
 
 
 def collate_data_and_cast(

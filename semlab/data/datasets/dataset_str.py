@@ -1,11 +1,11 @@
-"""Dataset strings (``Name:key=value:key=value``) and ``make_dataset``.
+"""Dataset strings (``Name:key=value:key=value``): names, keys and ``parse_dataset_str``.
 
 Accepted strings (keys in any order; ``split`` values are case-insensitive):
 
 - ``ImageNet:split=TRAIN|VAL|TEST:root=<dir>[:extra=<dir>]`` (``extra`` defaults to ``root``)
 - ``ImageFolder:root=<dir>``
 - ``Demo:split=TRAIN|VAL[:root=<cache dir>][:n_per_class=<n>]``
-- ``Parquet:path=<dir or URI>[:split=TRAIN]`` (``semlab.data.parquet.ParquetDataset``, imported lazily)
+- ``Parquet:path=<dir or URI>[:split=TRAIN]`` (``semlab.data.datasets.parquet.ParquetDataset``)
 
 A value may itself contain ``:`` (``path=s3://bucket/x``): a segment without ``=`` continues the
 previous value.
@@ -14,10 +14,8 @@ previous value.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from typing import Any
 
-from semlab.data.image_folder import DatasetError
+from semlab.data.datasets.image_folder import DatasetError
 
 DATASET_NAMES = ("ImageNet", "ImageFolder", "Demo", "Parquet")
 # name -> (required keys, optional keys)
@@ -75,37 +73,3 @@ def parse_dataset_str(dataset_str: str) -> tuple[str, dict[str, str]]:
             f"dataset string {dataset_str!r} is missing {', '.join(missing)}; expected e.g. {example!r}"
         )
     return name, kwargs
-
-
-def make_dataset(
-    dataset_str: str,
-    transform: Callable[[Any], Any] | None = None,
-    target_transform: Callable[[int], Any] | None = None,
-) -> Any:
-    """The dataset a dataset string names; items are ``(transform(PIL RGB image), target_transform(label))``
-    and every dataset has ``get_encoded(i)``, ``labels``, ``class_ids``, ``class_names``."""
-    name, kwargs = parse_dataset_str(dataset_str)
-    if name == "ImageNet":
-        from semlab.data.imagenet import ImageNet
-
-        return ImageNet(transform=transform, target_transform=target_transform, **kwargs)
-    if name == "ImageFolder":
-        from semlab.data.image_folder import ImageFolder
-
-        return ImageFolder(kwargs["root"], transform=transform, target_transform=target_transform)
-    if name == "Demo":
-        from semlab.data.demo import DemoDataset
-
-        n = kwargs.get("n_per_class")
-        if n is not None and not (n.isdigit() and int(n) > 0):
-            raise DatasetError(f"Demo n_per_class must be a positive integer, got {n!r} in {dataset_str!r}")
-        return DemoDataset(
-            split=kwargs["split"],
-            root=kwargs.get("root"),
-            n_per_class=int(n) if n is not None else None,
-            transform=transform,
-            target_transform=target_transform,
-        )
-    from semlab.data.parquet import ParquetDataset  # written by the shards module; imported lazily
-
-    return ParquetDataset(transform=transform, target_transform=target_transform, **kwargs)
