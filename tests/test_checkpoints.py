@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_vit
 from torch import nn
 from torch.testing import assert_close
 
@@ -23,8 +24,6 @@ from semlab.models import (
     vit_large,
     vit_large_sem,
     vit_small,
-    vit_tiny,
-    vit_tiny_sem,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -66,13 +65,11 @@ def meta_state_dict(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tenso
 
 
 def tiny(**kwargs) -> DinoVisionTransformer:
-    defaults = dict(embed_dim=32, depth=4, num_heads=2, img_size=56, num_register_tokens=2, init_values=1e-5)
-    return vit_tiny(**{**defaults, **kwargs}).eval()
+    return build_tiny_vit(**kwargs)
 
 
 def tiny_sem(**kwargs) -> DinoVisionTransformer:
-    defaults = dict(embed_dim=32, depth=4, num_heads=2, img_size=56, num_register_tokens=2, init_values=1e-5)
-    return vit_tiny_sem(**{**defaults, "L": 4, "V": 8, **kwargs}).eval()
+    return build_tiny_vit(**{"L": 4, "V": 8, **kwargs})
 
 
 def test_every_reference_layout_has_a_model() -> None:

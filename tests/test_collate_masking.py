@@ -231,6 +231,7 @@ def test_local_iterator_batches_and_exact_resume(tmp_path: Path) -> None:
         make_local_data_iterator(cfg, rank=2, world_size=2)
 
 
+@pytest.mark.slow
 def test_local_iterator_same_batches_with_workers(tmp_path: Path) -> None:
     in_process = take(make_local_data_iterator(tiny_cfg(tmp_path, num_workers=0)), 3)
     with_workers = take(make_local_data_iterator(tiny_cfg(tmp_path, num_workers=2)), 3)

@@ -289,6 +289,7 @@ def _ensure_in_process(root: str, queue: multiprocessing.Queue) -> None:
     queue.put(str(ensure_demo_split(root, "VAL", 2)))
 
 
+@pytest.mark.slow
 def test_demo_concurrent_first_use(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
     queue = ctx.Queue()

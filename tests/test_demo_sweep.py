@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "demo_sweep"))
@@ -26,6 +27,7 @@ def test_every_variant_renders_a_two_tone_texture() -> None:
     assert np.abs(grey[..., 0] - grey[..., 1]).mean() < 10  # grey up to the per-channel noise
 
 
+@pytest.mark.slow
 def test_sweep_runs_a_tiny_plan(tmp_path: Path) -> None:
     small = [
         "optim.epochs=1",

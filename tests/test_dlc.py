@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import build_tiny_vit
 
 from semlab.data.datasets.demo import DEMO_CLASSES
 from semlab.eval.dlc import (
@@ -29,11 +30,11 @@ L, V = 8, 16
 
 
 def tiny_sem(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_backbone("vit_tiny_sem", embed_dim=48, depth=2, num_heads=3, patch_size=14, img_size=56,
-                          num_register_tokens=4, L=L, V=V).eval()
+    return build_tiny_vit(seed, embed_dim=48, depth=2, num_heads=3, patch_size=14, num_register_tokens=4,
+                          init_values=None, L=L, V=V)
 
 
+@pytest.mark.slow
 def test_codes_roundtrip_parquet_equals_argmax_of_raw_sem(tmp_path):
     model = tiny_sem()
     x = torch.randn(21, 3, 56, 56)
@@ -86,6 +87,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_extract_dlc_command_on_the_demo(tmp_path, capsys, one_thread):
     """experiments/extract_dlc.py on a demo teacher checkpoint; the Parquet codes equal the argmax of
     ``sem_raw`` recomputed on the same images."""

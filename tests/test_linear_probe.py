@@ -73,6 +73,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_grid_recovers_a_linear_map_and_not_shuffled_labels(one_thread):
     torch.manual_seed(0)
     x, y = synthetic(4000)
@@ -176,6 +177,7 @@ TINY = ["linear.epochs=1", "linear.epoch_length=6", "linear.batch_size=32", "lin
 TRAIN_DS, VAL_DS = "Demo:split=TRAIN:n_per_class=12", "Demo:split=VAL:n_per_class=6"
 
 
+@pytest.mark.slow
 def test_seed_command_runs_on_the_demo(tmp_path):
     """The seed's eval command, with the demo recipe and datasets, as a real subprocess."""
     import subprocess
@@ -203,6 +205,7 @@ def test_seed_command_runs_on_the_demo(tmp_path):
     assert clf.in_dim == 96 * meta["n_last_blocks"] + (96 if meta["avgpool"] else 0)
 
 
+@pytest.mark.slow
 def test_sem_protocol_probes_the_raw_simplex_on_parquet_shards(tmp_path, one_thread):
     from semlab.data.datasets.shards import prepare_shards
 

@@ -55,6 +55,7 @@ def test_sinkhorn_each_sample_is_a_distribution_over_prototypes():
     torch.testing.assert_close(q.sum(dim=1), torch.ones(64), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sinkhorn_prototype_marginals_tend_to_b_over_k():
     """Invariant: each prototype's total over the B samples -> B/K; the error shrinks with every iteration."""
     t = cosine_logits(64, 256, seed=1)
@@ -325,6 +326,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str, dat
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sinkhorn_and_center_all_reduce_over_two_gloo_processes(tmp_path: Path):
     world = 2
     data = {

@@ -82,6 +82,7 @@ def test_ema_update_math():
         ["train.centering=centering", "ibot.separate_head=true"],
     ],
 )
+@pytest.mark.slow
 def test_two_steps_finite_losses_and_sem_grads(overrides):
     torch.manual_seed(0)
     model = SSLMetaArch(tiny_cfg(*overrides))
@@ -110,6 +111,7 @@ def test_two_steps_finite_losses_and_sem_grads(overrides):
         assert model.dino_loss.center.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_global_loss_matches_student_crop_to_other_teacher_crop():
     # no LayerScale: with gamma=1e-5 the CLS/SEM output barely depends on the image at init
     cfg = tiny_cfg(

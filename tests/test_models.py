@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny_vit
 from omegaconf import OmegaConf
 from torch import nn
 from torch.testing import assert_close
@@ -21,7 +22,6 @@ from semlab.models import (
     load_weights,
     vit_giant2,
     vit_large_sem,
-    vit_tiny,
 )
 from semlab.models.layers import Attention, Block, DropPath, drop_add_residual_stochastic_depth
 
@@ -38,11 +38,8 @@ def _single_thread():
 
 
 def make(**kwargs) -> DinoVisionTransformer:
-    defaults = dict(
-        embed_dim=D, depth=3, num_heads=HEADS, img_size=56, num_register_tokens=R, init_values=1e-5
-    )
-    torch.manual_seed(0)
-    return vit_tiny(**{**defaults, **kwargs}).eval()
+    return build_tiny_vit(seed=0, **{"embed_dim": D, "depth": 3, "num_heads": HEADS, "num_register_tokens": R,
+                                     **kwargs})
 
 
 def make_sem(**kwargs) -> DinoVisionTransformer:

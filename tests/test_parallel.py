@@ -248,6 +248,7 @@ def _assert_states_close(a: dict, b: dict, atol: float, rtol: float) -> None:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["SHARD_GRAD_OP", "FULL_SHARD", "NO_SHARD"])
 def test_two_ranks_match_single_process(runs, strategy):
     out, results = runs
@@ -265,6 +266,7 @@ def test_two_ranks_match_single_process(runs, strategy):
         _assert_states_close(_load_state(out, 2, strategy, rank), ref_state, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_parameters_and_gathers_full_state(runs):
     out, results = runs
     fsdp = results[(2, "SHARD_GRAD_OP")]
@@ -279,6 +281,7 @@ def test_fsdp2_shards_parameters_and_gathers_full_state(runs):
     assert any(k.startswith("teacher.backbone.blocks.") for k in s0) and "dino_loss.center" in s0
 
 
+@pytest.mark.slow
 def test_no_shard_keeps_replicas_identical(runs):
     out, results = runs
     assert not any(r["sharded"] for r in results[(2, "NO_SHARD")])

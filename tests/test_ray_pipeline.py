@@ -20,8 +20,6 @@ from semlab.data.pipeline import ray_pipeline as rp
 from semlab.orchestration.cluster import start_local
 from semlab.orchestration.trainer import make_data_config
 
-pytestmark = pytest.mark.ray
-
 N_PER_CLASS = 4
 N = len(DEMO_CLASSES) * N_PER_CLASS  # TRAIN images of the tiny Demo
 B = 4
@@ -135,6 +133,8 @@ def test_non_parquet_dataset_is_refused(shard_dir):
 # ---- a real local Ray -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_local_ray_is_bounded_and_on_loopback(ray_session):
     ray = ray_session
     assert ray.cluster_resources()["CPU"] == 2
@@ -142,12 +142,16 @@ def test_local_ray_is_bounded_and_on_loopback(ray_session):
     assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_starving_configuration_fails_fast(ray_session, shard_dir):
     cfg = make_cfg(shard_dir, "ray.cpus_per_worker=1.0")
     with pytest.raises(rp.RayDataConfigError, match="would get no CPU"):
         rp.build_ray_dataset(cfg)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_single_consumer_stream_is_deterministic_and_complete(ray_session, shard_dir):
     cfg = make_cfg(shard_dir)
     steps = N // B
@@ -187,6 +191,8 @@ def test_single_consumer_stream_is_deterministic_and_complete(ray_session, shard
     assert [b["indices"].tolist() for b in other] != [b["indices"].tolist() for b in run[:steps]]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_train_two_workers_disjoint_and_complete(ray_session, shard_dir, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

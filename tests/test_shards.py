@@ -283,6 +283,7 @@ def test_interrupted_run_then_resume_matches_fresh_run(tmp_path, folder_tree, mo
     assert _tree_digest(out) == _tree_digest(fresh)
 
 
+@pytest.mark.slow
 def test_parallel_workers_match_serial_and_plan_change_removes_stale(tmp_path, folder_tree):
     src = f"ImageFolder:root={folder_tree}"
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"

@@ -91,6 +91,8 @@ def test_store_resolution_order(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the reporter
+@pytest.mark.slow
+@pytest.mark.mlflow
 def test_reporter_logs_params_tags_metrics_checkpoints_and_resumes(tmp_path, template_db):
     root = tmp_path / "outputs"
     uri = fresh_store(template_db, root / "mlflow.db")
@@ -159,6 +161,8 @@ def test_reporter_logs_params_tags_metrics_checkpoints_and_resumes(tmp_path, tem
     assert attach_to_run(tmp_path / "elsewhere" / "teacher_checkpoint.pth") is None
 
 
+@pytest.mark.slow
+@pytest.mark.mlflow
 def test_only_rank_zero_logs(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     out = tmp_path / "outputs" / "run_r1"
@@ -169,6 +173,8 @@ def test_only_rank_zero_logs(tmp_path, monkeypatch):
     assert not (out / RUN_RECORD).exists() and not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.mlflow
 def test_server_down_warns_falls_back_locally_and_loses_nothing(tmp_path, template_db):
     out = tmp_path / "outputs" / "run_down"
     fresh_store(template_db, out / "mlflow_fallback.db")  # skip schema migrations (speed only)
@@ -187,6 +193,8 @@ def test_server_down_warns_falls_back_locally_and_loses_nothing(tmp_path, templa
     assert client.get_run(rep.run_id).data.params["student.L"] == "16"
 
 
+@pytest.mark.slow
+@pytest.mark.mlflow
 def test_server_that_fails_after_health_check_still_falls_back(tmp_path, template_db, monkeypatch):
     """/health answers 200 but every API call fails: the run still starts, locally."""
     import http.server
@@ -224,6 +232,8 @@ def test_server_that_fails_after_health_check_still_falls_back(tmp_path, templat
     assert MlflowClient(rep.tracking_uri).get_run(rep.run_id).data.metrics["total"] == 3.0
 
 
+@pytest.mark.slow
+@pytest.mark.mlflow
 def test_failed_sends_are_kept_on_disk_and_sync_copies_the_run(tmp_path, template_db):
     out = tmp_path / "outputs" / "run_sync"
     fresh_store(template_db, out / "mlflow_fallback.db")
@@ -264,6 +274,8 @@ def test_failed_sends_are_kept_on_disk_and_sync_copies_the_run(tmp_path, templat
 
 
 # ----------------------------------------------------------------------------- compare chart
+@pytest.mark.slow
+@pytest.mark.mlflow
 def test_compare_chart_from_runs(tmp_path, template_db):
     from semlab.cli import main
     from semlab.tracking.compare import fetch_runs

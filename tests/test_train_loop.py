@@ -66,6 +66,7 @@ def full_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resume_after_crash_ends_with_identical_weights(tmp_path):
     # drop path and softmax centering exercise the RNG and the loss-center state
     over = ["student.drop_path_rate=0.2", "train.centering=centering"]
@@ -106,6 +107,7 @@ def test_resume_after_crash_ends_with_identical_weights(tmp_path):
     assert [it for it, _ in rep.metrics] == [4, 5] and rep.checkpoints[-1][0] == 5 and rep.summary is not None
 
 
+@pytest.mark.slow
 def test_corrupt_last_checkpoint_falls_back_with_a_warning(tmp_path):
     cfg = tiny_cfg()
     do_train(cfg, build(cfg), data_factory(cfg), tmp_path)
@@ -122,6 +124,7 @@ def test_corrupt_last_checkpoint_falls_back_with_a_warning(tmp_path):
     load_checkpoint_file(checkpoint_path(tmp_path, 5))  # rewritten, loads again
 
 
+@pytest.mark.slow
 def test_max_to_keep(tmp_path):
     cfg = tiny_cfg("train.max_to_keep=2", "train.checkpoint_period_iterations=1")
     do_train(cfg, build(cfg), data_factory(cfg), tmp_path)
@@ -142,6 +145,7 @@ def test_non_finite_loss_stops_without_a_new_checkpoint(tmp_path):
     assert path == checkpoint_path(tmp_path, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunks", [0, 2])
 def test_eval_checkpoints_load_into_a_fresh_teacher(tmp_path, chunks):
     cfg = tiny_cfg("evaluation.eval_period_iterations=2", f"student.block_chunks={chunks}")
@@ -182,6 +186,7 @@ def test_eval_checkpoints_load_into_a_fresh_teacher(tmp_path, chunks):
     )
 
 
+@pytest.mark.slow
 def test_model_weights_start_from_a_teacher_checkpoint(tmp_path):
     cfg = tiny_cfg("evaluation.eval_period_iterations=6")
     model = build(cfg)
@@ -206,6 +211,7 @@ def demo_cfg(root, *overrides):
     )
 
 
+@pytest.mark.slow
 def test_resume_with_the_demo_data_iterator_is_exact(tmp_path):
     from semlab.data import make_local_data_iterator
 
@@ -234,6 +240,8 @@ def test_resume_with_the_demo_data_iterator_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+@pytest.mark.mlflow
 def test_pretrain_entry_point_writes_config_metrics_and_knn(tmp_path, capsys):
     import importlib.util
     from pathlib import Path

@@ -21,6 +21,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["single", "fsdp2-one-rank"])
 def test_train_step_benchmark_cpu_smoke(fsdp: bool) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu"]
@@ -36,6 +37,7 @@ def test_train_step_benchmark_cpu_smoke(fsdp: bool) -> None:
     assert set(result["losses"]) >= {"dino_global_crops_loss", "ibot_loss", "total"}
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_refuses_cuda_without_gpu() -> None:
     pytest.importorskip("torch")
     import torch
