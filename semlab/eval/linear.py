@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semlab.utils.atomic import atomic_path, atomic_write_text
+from semlab.utils.distributed import default_device
 
 logger = logging.getLogger(__name__)
 
@@ -375,10 +376,6 @@ def run_linear_probe(
     logger.info("linear probe (%s): best %s, val top-1 %.2f%% top-5 %.2f%%", protocol, best,
                 results["val_top1"], results["val_top5"])
     return results
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_recipe(name: str) -> str:

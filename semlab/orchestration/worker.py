@@ -100,34 +100,30 @@ def restore_ray_checkpoint(checkpoint: Any, output_dir: Path, local_rank: int) -
 
 # --------------------------------------------------------------------------- data
 def make_data_factory(cfg: DictConfig, rank: int, world: int, epoch_start: int = 0) -> DataFactory:
-    """``start_iter -> iterator of batch dicts`` for this worker (see the module doc)."""
+    """``start_iter -> iterator of batch dicts`` for this worker: the Ray Data shard
+    (``data.backend=ray``) or the local loader's part of this rank (``data.backend=local``)."""
     backend = str(cfg.data.backend).lower()
     if backend == "local":
-        from semlab.data.pipeline.loaders import make_local_data_iterator
+        from semlab.train.pretraining import local_data
 
-        def local(start_iter: int) -> Iterator[dict[str, Any]]:
-            return make_local_data_iterator(cfg, rank=rank, world_size=world, start_iter=start_iter)
+        return local_data(cfg)
+    if backend != "ray":
+        raise ValueError(f"data.backend='{cfg.data.backend}' is not supported; use 'local' or 'ray'")
+    import ray.train
 
-        return local
-    if backend == "ray":
-        import ray.train
+    from semlab.data.pipeline.ray_pipeline import iter_training_batches
 
-        from semlab.data.pipeline.ray_pipeline import iter_training_batches
+    shard = ray.train.get_dataset_shard("train")
+    if shard is None:
+        raise RuntimeError(
+            "data.backend=ray but the trainer was given no 'train' dataset; build the TorchTrainer with "
+            "semlab.orchestration.trainer.build_trainer, which passes build_ray_dataset(cfg) as 'train'"
+        )
 
-        shard = ray.train.get_dataset_shard("train")
-        if shard is None:
-            raise RuntimeError(
-                "data.backend=ray but the trainer was given no 'train' dataset; build the TorchTrainer with "
-                "semlab.orchestration.trainer.build_trainer, which passes build_ray_dataset(cfg) as 'train'"
-            )
+    def streamed(start_iter: int) -> Iterator[dict[str, Any]]:
+        return iter_training_batches(shard, cfg, seed=int(cfg.train.seed), epoch_start=epoch_start, rank=rank)
 
-        def streamed(start_iter: int) -> Iterator[dict[str, Any]]:
-            return iter_training_batches(
-                shard, cfg, seed=int(cfg.train.seed), epoch_start=epoch_start, rank=rank
-            )
-
-        return streamed
-    raise ValueError(f"data.backend='{cfg.data.backend}' is not supported; use 'local' or 'ray'")
+    return streamed
 
 
 def _call_custom(

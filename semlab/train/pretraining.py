@@ -47,10 +47,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def prepare_run(cfg: DictConfig, output_dir: Path) -> None:
     """Output dir, ``train.output_dir``, lr scaling for the global batch, ``config.yaml`` (rank 0),
     ``train.num_threads`` (else torch's default, e.g. Ray's OMP_NUM_THREADS), seeds."""
@@ -110,7 +106,7 @@ def run_pretraining(
     reporter = reporter if reporter is not None else Reporter()
     prepare_run(cfg, output_dir)
     model = SSLMetaArch(cfg)
-    parallelize(model, cfg, device if device is not None else default_device())
+    parallelize(model, cfg, device if device is not None else distributed.default_device())
     data = data if data is not None else local_data(cfg)
     summary = do_train(cfg, model, data, output_dir, reporter=reporter, resume=resume)
     if evaluate is not None:

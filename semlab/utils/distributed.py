@@ -1,4 +1,5 @@
-"""The one set of rank / world-size helpers, with and without an initialised process group.
+"""The one set of rank / world-size helpers, with and without an initialised process group
+(and ``default_device``).
 
 Every layer that needs a rank uses these (``losses`` for the all-reduced centering, ``train``,
 ``tracking``); Ray workers have a process group (Ray Train creates it), so the same helpers apply.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
 
@@ -45,3 +47,8 @@ def barrier() -> None:
     """Wait for all ranks (no-op in a single process)."""
     if is_enabled() and get_world_size() > 1:
         dist.barrier()
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU: where a single-process run puts its model."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
