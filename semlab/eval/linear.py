@@ -4,7 +4,7 @@ A grid of linear classifiers ``y = W f + b`` (W ~ N(0, 0.01^2), b = 0) is traine
 same frozen features, one per combination of
 
     learning rate  lr  in linear.learning_rates
-    n_last_blocks  n   in linear.n_last_blocks     ({1, 4})
+    n_last_blocks  n   in linear.n_last_blocks     ({1}: the reference reads the last block only)
     avgpool        p   in linear.avgpool           ({no, yes})
 
 with ``f = concat(CLS_{D-n+1}, ..., CLS_D [, mean_patches(x_D)])``: the (normed) CLS tokens of the
@@ -17,8 +17,10 @@ Training: loss = sum over classifiers of CE(W f + b, y); SGD, momentum 0.9, weig
 classifier with its own lr scaled as ``lr * batch_size * world_size / 256``; cosine schedule to 0
 over ``epochs * epoch_length`` iterations. Images get RandomResizedCrop + flip each step, so the
 backbone (frozen, eval mode, bf16 autocast on CUDA) runs on every batch; features are not cached.
-Selection: the classifier with the best top-1 on the held-out part of the train set
-(``linear.val_fraction``), then evaluated on the val dataset (top-1 and top-5, in percent).
+Selection (:func:`selection_protocol`): by default the reference's, which trains on the whole train
+set and picks the classifier with the best top-1 on the val dataset; with ``linear.val_fraction``
+> 0, on a stratified held-out part of the train set instead. The chosen classifier is reported on
+the val dataset (top-1 and top-5, in percent).
 """
 
 from __future__ import annotations
@@ -298,6 +300,19 @@ def usable_block_counts(requested: Sequence[int], backbone: nn.Module) -> list[i
     return usable
 
 
+def selection_protocol(val_fraction: float) -> str:
+    """How the best classifier is chosen, in words that every result file and MLflow record carries.
+
+    ``val_fraction`` 0 is the reference's protocol (DINOv2 and the seed: train on the whole train
+    set, pick the best classifier on the val set and report it there); > 0 is semlab's option of
+    picking on a stratified held-out fraction of train, so that the val figure is not selected on.
+    """
+    if val_fraction == 0.0:
+        return "reference: trained on all of train, best classifier picked on val"
+    kept, held = f"{1 - val_fraction:.0%}", f"{val_fraction:.0%}"
+    return f"holdout: trained on {kept} of train, best classifier picked on a {held} train holdout"
+
+
 def run_linear_probe(
     backbone: nn.Module,
     cfg: Any,
@@ -338,20 +353,17 @@ def run_linear_probe(
     logger.info("linear probe (%s): %d classifiers, %d iterations of %d images, %s", protocol, len(specs),
                 max_iter, int(lin.batch_size), data.sizes)
     stats = train_grid(grid, features, train_iter, max_iter, device, progress=progress)
-    selection = "holdout"
+    val_all = evaluate_grid(grid, features, data.val, device)
     if data.holdout is not None:
-        held = evaluate_grid(grid, features, data.holdout, device)
-        val_all = evaluate_grid(grid, features, data.val, device)
+        selection, held = "holdout", evaluate_grid(grid, features, data.holdout, device)
     else:
-        logger.warning("linear.val_fraction = 0: the best classifier is chosen on the val set itself")
-        selection = "val"
-        val_all = evaluate_grid(grid, features, data.val, device)
-        held = val_all
+        selection, held = "val", val_all
     best = best_of(held)
     results = {
         "protocol": protocol,
         "best_classifier": best,
         "selection": selection,
+        "selection_protocol": selection_protocol(float(lin.val_fraction)),
         "val_top1": val_all[best]["top1"],
         "val_top5": val_all[best]["top5"],
         "holdout_top1": held[best]["top1"],
