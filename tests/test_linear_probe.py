@@ -196,6 +196,8 @@ def test_seed_command_runs_on_the_demo(tmp_path):
     res = json.loads((out / RESULTS_FILE).read_text())
     assert res["protocol"] == "cls" and res["iterations"] == 6
     assert res["selection"] == "val" and res["selection_protocol"].startswith("reference")
+    assert res["train_crop_scale"] == [0.5, 1.0]  # the demo recipe's probe crops
+    assert res["final_loss_min"] <= res["final_loss_mean"]
     c = len(DEMO_CLASSES)  # the reference protocol: no holdout, the whole train set
     assert res["sizes"] == {"train": 12 * c, "holdout": 0, "val": 6 * c}
     assert len(res["classifiers"]) == 2 * 1 * 2  # lrs x n_last_blocks {1} x avgpool {no,yes}

@@ -15,7 +15,8 @@ and grids over learning rates only.
 
 Training: loss = sum over classifiers of CE(W f + b, y); SGD, momentum 0.9, weight decay 0, each
 classifier with its own lr scaled as ``lr * batch_size * world_size / 256``; cosine schedule to 0
-over ``epochs * epoch_length`` iterations. Images get RandomResizedCrop + flip each step, so the
+over ``epochs * epoch_length`` iterations. Images get RandomResizedCrop (area in
+``linear.train_crop_scale``, the reference's 0.08-1 by default) + flip each step, so the
 backbone (frozen, eval mode, bf16 autocast on CUDA) runs on every batch; features are not cached.
 Selection (:func:`selection_protocol`): by default the reference's, which trains on the whole train
 set and picks the classifier with the best top-1 on the val dataset; with ``linear.val_fraction``
@@ -204,7 +205,9 @@ def train_grid(
 ) -> dict[str, float]:
     """Train every classifier for ``max_iter`` steps (SGD momentum 0.9, wd 0, cosine lr to 0).
 
-    Returns throughput and the last losses: ``{"images_per_s", "seconds", "loss_mean"}``.
+    Returns throughput and the last logged losses: ``{"images_per_s", "seconds", "loss_mean",
+    "loss_min"}`` (mean over the grid, and of its lowest classifier: a too-large lr in the grid
+    inflates the mean while the classifiers worth choosing still converge).
     """
     if max_iter < 1:
         raise ValueError(
@@ -218,7 +221,7 @@ def train_grid(
         from tqdm import tqdm
 
         bar = tqdm(total=max_iter, desc="linear probe", unit="it", dynamic_ncols=True)
-    images, start, loss_mean = 0, time.perf_counter(), float("nan")
+    images, start, loss_mean, loss_min = 0, time.perf_counter(), float("nan"), float("nan")
     for it in range(max_iter):
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
@@ -234,17 +237,20 @@ def train_grid(
         images += x.shape[0]
         if it % log_every == 0 or it == max_iter - 1:
             loss_mean = float(loss.detach()) / len(losses)
+            loss_min = float(torch.stack(losses).detach().min())
             rate = images / max(time.perf_counter() - start, 1e-9)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_mean:.3f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss_min=f"{loss_min:.3f}", loss_mean=f"{loss_mean:.3f}", img_s=f"{rate:.1f}")
             else:
-                logger.info("linear probe it %d/%d loss %.4f %.1f images/s", it, max_iter, loss_mean, rate)
+                logger.info("linear probe it %d/%d loss min %.4f mean %.4f %.1f images/s", it, max_iter,
+                            loss_min, loss_mean, rate)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    return {"images_per_s": images / max(seconds, 1e-9), "seconds": seconds, "loss_mean": loss_mean}
+    return {"images_per_s": images / max(seconds, 1e-9), "seconds": seconds, "loss_mean": loss_mean,
+            "loss_min": loss_min}
 
 
 @torch.no_grad()
@@ -341,7 +347,7 @@ def run_linear_probe(
     features = FrozenFeatures(backbone, n_max, sem_temp=float(cfg.evaluation.sem_temp) if use_sem else None)
     data = make_probe_data(
         train_dataset, val_dataset, int(lin.batch_size), int(lin.num_workers), int(lin.resize_size),
-        int(lin.crop_size), float(lin.val_fraction), seed,
+        int(lin.crop_size), float(lin.val_fraction), seed, tuple(lin.train_crop_scale),
     )
     specs = grid_specs(list(lin.learning_rates), n_last_blocks, list(lin.avgpool),
                        int(lin.batch_size), world_size, protocol)
@@ -381,6 +387,9 @@ def run_linear_probe(
         "sem_temp": float(cfg.evaluation.sem_temp) if use_sem else None,
         "images_per_s": stats["images_per_s"],
         "train_seconds": stats["seconds"],
+        "final_loss_min": stats["loss_min"],
+        "final_loss_mean": stats["loss_mean"],
+        "train_crop_scale": [float(v) for v in lin.train_crop_scale],
         "device": str(device),
     }
     save_results(results, grid, best, output_dir)
