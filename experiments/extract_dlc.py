@@ -6,7 +6,8 @@
 
 Writes ``<DIR>/codes.parquet`` (columns index, label, codes: L uint16 values in [0, V)),
 ``<DIR>/code_usage.json`` and ``<DIR>/code_usage.png``, and prints the code-usage summary.
-Images get the eval transform (Resize ``linear.resize_size`` + CenterCrop ``linear.crop_size``).
+Images get the reference extraction's transform: CenterCrop ``linear.crop_size`` (224) of the image
+as it is, without the 256 resize, and the codes are computed in float32.
 """
 
 from __future__ import annotations
@@ -42,20 +43,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from semlab.data import make_dataset, make_eval_transform
-    from semlab.eval.dlc import export_dlc
+    from semlab.data import make_dataset
+    from semlab.eval.dlc import export_dlc, make_dlc_transform
     from semlab.eval.linear import build_eval_backbone
 
     try:
         backbone = build_eval_backbone(cfg, args.pretrained_weights or None)
         if not getattr(backbone, "has_sem", False):
             raise ValueError(f"the model of {args.config_file} has no SEM (student.L = 0): it has no codes")
-        transform = make_eval_transform(int(cfg.linear.resize_size), int(cfg.linear.crop_size))
-        dataset = make_dataset(args.dataset, transform=transform)
+        crop = int(cfg.linear.crop_size)
+        dataset = make_dataset(args.dataset, transform=make_dlc_transform(crop))
         export_dlc(backbone, dataset, args.output, batch_size=args.batch_size, num_workers=args.num_workers,
                    device=args.device, progress=not args.no_progress,
                    metadata={"checkpoint": args.pretrained_weights, "dataset": args.dataset,
-                             "arch": cfg.student.arch, "tau_train": cfg.student.temp})
+                             "arch": cfg.student.arch, "tau_train": cfg.student.temp,
+                             "transform": f"CenterCrop({crop}), no resize, float32 (the reference's)"})
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ import torch
 
 from semlab.config import ConfigError, load_config
 from semlab.eval.knn_report import knn_accuracy
-from semlab.models import build_model_from_cfg, load_weights
+from semlab.eval.linear import build_eval_backbone
+from semlab.eval.sem_temp import resolve_eval_sem_temp
 from semlab.utils.atomic import atomic_write_text
 
 
@@ -27,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-dataset", default=None, help="default: evaluation.knn_dataset_train")
     p.add_argument("--val-dataset", default=None, help="default: evaluation.knn_dataset_val")
     p.add_argument("--feature", default="cls", choices=["cls", "sem", "avgpool"])
+    p.add_argument("--sem-temp", type=float, default=None,
+                   help="SEM temperature of every feature (default: the evaluation recipe's, 1e-5)")
     p.add_argument("--output-dir", default=None, help="writes knn.json there")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_args(argv)
@@ -47,15 +50,23 @@ def main(argv: list[str] | None = None) -> int:
             "error: give --train-dataset and --val-dataset (or set evaluation.knn_dataset_*)", file=sys.stderr
         )
         return 2
-    backbone, _ = build_model_from_cfg(cfg, only_teacher=True)
-    load_weights(backbone, args.pretrained_weights)
+    try:
+        tau_line = resolve_eval_sem_temp(cfg, args.sem_temp, args.overrides)
+        backbone = build_eval_backbone(cfg, args.pretrained_weights)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(backbone, "has_sem", False):
+        print(tau_line)
     backbone.to("cuda" if torch.cuda.is_available() else "cpu")
     res = knn_accuracy(cfg, backbone, args.feature, train_dataset=train_ds, val_dataset=val_ds)
     for k, acc in res.items():
         print(f"k={k}: top-1 {acc['top1']:.2f}%  top-5 {acc['top5']:.2f}%")
     if args.output_dir:
         out = Path(args.output_dir) / "knn.json"
-        atomic_write_text(out, json.dumps({str(k): v for k, v in res.items()}, indent=2) + "\n")
+        payload = {str(k): v for k, v in res.items()}
+        payload["sem_temp"] = float(cfg.evaluation.sem_temp)
+        atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from semlab.config import ConfigError, load_config
 from semlab.eval.linear import build_eval_backbone, resolve_recipe, run_linear_probe
+from semlab.eval.sem_temp import resolve_eval_sem_temp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-dataset", default=None, help="default: evaluation.knn_dataset_train")
     p.add_argument("--val-dataset", default=None, help="default: evaluation.knn_dataset_val")
     p.add_argument("--use-sem", action="store_true", help="probe the raw SEM simplex output")
+    p.add_argument("--sem-temp", type=float, default=None,
+                   help="SEM temperature of every feature (default: the evaluation recipe's, 1e-5)")
     p.add_argument("--epochs", type=int, default=None, help="linear.epochs")
     p.add_argument("--epoch-length", type=int, default=None, help="linear.epoch_length")
     p.add_argument("--batch-size", type=int, default=None, help="linear.batch_size")
@@ -72,16 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        tau_line = resolve_eval_sem_temp(cfg, args.sem_temp, args.overrides)
         backbone = build_eval_backbone(cfg, args.pretrained_weights or None)
+        if getattr(backbone, "has_sem", False):
+            print(tau_line)
         results = run_linear_probe(backbone, cfg, train_ds, val_ds, args.output_dir, use_sem=args.use_sem,
                                    device=args.device, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     kind = "linear_sem" if args.use_sem else "linear"
-    print(f"{kind}: best classifier {results['best_classifier']} (held-out top-1 "
-          f"{results['holdout_top1']:.2f}%): val top-1 {results['val_top1']:.2f}%  "
-          f"top-5 {results['val_top5']:.2f}%  ({results['images_per_s']:.1f} images/s)")
+    print(f"{kind} [{results['selection_protocol']}]: best classifier {results['best_classifier']}: "
+          f"val top-1 {results['val_top1']:.2f}%  top-5 {results['val_top5']:.2f}%  "
+          f"({results['images_per_s']:.1f} images/s)")
     if args.mlflow == "auto" and args.pretrained_weights:
         log_to_pretraining_run(cfg, args, kind, results)
     return 0
@@ -100,7 +106,8 @@ def log_to_pretraining_run(cfg, args: argparse.Namespace, kind: str, results: di
     params = {"teacher_checkpoint": str(Path(args.pretrained_weights).resolve()),
               "train_dataset": args.train_dataset or "", "val_dataset": args.val_dataset or "",
               "best_classifier": results["best_classifier"], "iterations": results["iterations"],
-              "config_file": args.config_file}
+              "config_file": args.config_file, "selection": results["selection"],
+              "selection_protocol": results["selection_protocol"], "sem_temp": float(cfg.evaluation.sem_temp)}
     child = run.log_evaluation(kind, metrics, step=step, params=params,
                                artifacts=[Path(args.output_dir) / "results_eval_linear.json"])
     if child:

@@ -272,3 +272,19 @@ def test_eval_and_probe_transforms(photo_bytes: bytes) -> None:
     assert x.shape == (3, 70, 70)
     y = make_probe_train_transform(crop=56)(Image.open(io.BytesIO(photo_bytes)).convert("L"))
     assert y.shape == (3, 56, 56)
+
+
+def test_probe_crop_scale_is_configurable_and_checked(photo_bytes):
+    """``linear.train_crop_scale`` reaches RandomResizedCrop; a reversed or empty range is refused."""
+    from torchvision import transforms as T
+
+    tf = make_probe_train_transform(crop=56, scale=(0.5, 1.0))
+    rrc = next(t for t in tf.transforms if isinstance(t, T.RandomResizedCrop))
+    assert tuple(rrc.scale) == (0.5, 1.0)
+    assert tf(Image.open(io.BytesIO(photo_bytes))).shape == (3, 56, 56)
+    steps = make_probe_train_transform(crop=56).transforms
+    default = next(t for t in steps if isinstance(t, T.RandomResizedCrop))
+    assert tuple(default.scale) == (0.08, 1.0)  # the reference's
+    for bad in ((0.6, 0.5), (0.0, 1.0), (0.5, 1.5)):
+        with pytest.raises(ValueError, match="train_crop_scale"):
+            make_probe_train_transform(crop=56, scale=bad)

@@ -22,7 +22,7 @@ def test_defaults_have_reference_values():
 
 def test_seed_recipe_values():
     cfg = load_config("train/vitl14_sem_L512")
-    assert cfg.student.arch == "vit_large"
+    assert cfg.student.arch == "vit_large_sem"
     assert cfg.student.patch_size == 14
     assert cfg.student.num_register_tokens == 4
     assert (cfg.student.L, cfg.student.V, cfg.student.temp) == (512, 256, 1.0)
@@ -30,7 +30,8 @@ def test_seed_recipe_values():
     assert cfg.optim.base_lr == 1e-4
     assert cfg.evaluation.eval_period_iterations == 6250
     assert (cfg.crops.global_crops_size, cfg.crops.local_crops_size) == (224, 98)
-    assert cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH == 25000
+    assert cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH == 125000  # the reference's schedule span
+    assert cfg.train.max_iterations == 25000  # where the seed evaluates training_24999
     assert cfg.MODEL.pretrained_backbone.endswith("dinov2_vitl14_reg4_pretrain.pth")
 
 

@@ -92,7 +92,8 @@ def test_extract_dlc_command_on_the_demo(tmp_path, capsys, one_thread):
     """experiments/extract_dlc.py on a demo teacher checkpoint; the Parquet codes equal the argmax of
     ``sem_raw`` recomputed on the same images."""
     from semlab.config import load_config
-    from semlab.data import make_dataset, make_eval_transform
+    from semlab.data import make_dataset
+    from semlab.eval.dlc import make_dlc_transform
     from semlab.eval.linear import build_eval_backbone
     from semlab.models import build_model_from_cfg
 
@@ -117,7 +118,10 @@ def test_extract_dlc_command_on_the_demo(tmp_path, capsys, one_thread):
     assert f"DLC code usage over {n} images" in capsys.readouterr().out
     idx, labels, codes, meta = read_codes_parquet(out / CODES_FILE)
     assert meta["L"] == "16" and meta["V"] == "16" and meta["dataset"] == dataset
-    ds = make_dataset(dataset, transform=make_eval_transform(cfg.linear.resize_size, cfg.linear.crop_size))
+    # the reference's extraction: CenterCrop of the image as it is (no resize first), float32
+    ds = make_dataset(dataset, transform=make_dlc_transform(cfg.linear.crop_size))
+    raw_image = make_dataset(dataset)[0][0]
+    assert raw_image.size != (cfg.linear.resize_size, cfg.linear.resize_size)  # a resize would change it
     model = build_eval_backbone(cfg, ckpt)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():

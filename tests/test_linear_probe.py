@@ -152,8 +152,10 @@ def test_seed_command_line_parses_to_the_eval_recipe():
     args = cli.parse_args(SEED_EVAL_ARGS + ["linear.epochs=2"])
     cfg = load_config(cli.resolve_recipe(args.config_file), cli.overrides_from_flags(args) + args.overrides)
     student = cfg.student
-    assert (student.arch, student.L, student.V, student.patch_size) == ("vit_large", 512, 256, 14)
+    assert (student.arch, student.L, student.V, student.patch_size) == ("vit_large_sem", 512, 256, 14)
     assert cfg.evaluation.sem_temp == pytest.approx(1e-5) and cfg.linear.epochs == 2
+    # the reference's protocol: last block only, whole train set, best classifier picked on val
+    assert list(cfg.linear.n_last_blocks) == [1] and cfg.linear.val_fraction == 0.0
     assert args.train_dataset.startswith("ImageNet:split=TRAIN") and not args.use_sem
 
 
@@ -191,13 +193,18 @@ def test_seed_command_runs_on_the_demo(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val top-1" in proc.stdout and "images/s" in proc.stdout
+    assert "[reference: trained on all of train, best classifier picked on val]" in proc.stdout
+    assert "SEM temperature tau = 1e-05 (the evaluation recipe eval/vitl14_L512)" in proc.stdout
     res = json.loads((out / RESULTS_FILE).read_text())
     assert res["protocol"] == "cls" and res["iterations"] == 6
-    c = len(DEMO_CLASSES)  # round(0.1 * 12) = 1 held-out image per class
-    assert res["sizes"] == {"train": 11 * c, "holdout": c, "val": 6 * c}
-    assert len(res["classifiers"]) == 2 * 2 * 2  # lrs x n_last_blocks {1,4} x avgpool {no,yes}
-    held = {k: v["holdout_top1"] for k, v in res["classifiers"].items()}
-    assert held[res["best_classifier"]] == max(held.values()) == res["holdout_top1"]
+    assert res["selection"] == "val" and res["selection_protocol"].startswith("reference")
+    assert res["train_crop_scale"] == [0.5, 1.0]  # the demo recipe's probe crops
+    assert res["final_loss_min"] <= res["final_loss_mean"]
+    c = len(DEMO_CLASSES)  # the reference protocol: no holdout, the whole train set
+    assert res["sizes"] == {"train": 12 * c, "holdout": 0, "val": 6 * c}
+    assert len(res["classifiers"]) == 2 * 1 * 2  # lrs x n_last_blocks {1} x avgpool {no,yes}
+    val = {k: v["val_top1"] for k, v in res["classifiers"].items()}
+    assert val[res["best_classifier"]] == max(val.values()) == res["val_top1"]
     assert res["val_top1"] == res["classifiers"][res["best_classifier"]]["val_top1"]
     assert 0.0 <= res["val_top1"] <= res["val_top5"] <= 100.0
     clf, meta = load_linear_classifier(out / BEST_CLASSIFIER_FILE)
@@ -217,12 +224,16 @@ def test_sem_protocol_probes_the_raw_simplex_on_parquet_shards(tmp_path, one_thr
     out = tmp_path / "linear_sem"
     rc = cli.main(["--config-file", "train/demo_tiny", "--pretrained-weights", str(ckpt), "--output-dir",
                    str(out), "--train-dataset", f"Parquet:path={shards}:split=TRAIN",
-                   "--val-dataset", f"Parquet:path={shards}:split=VAL", "--use-sem", "--no-progress", *TINY])
+                   "--val-dataset", f"Parquet:path={shards}:split=VAL", "--use-sem", "--no-progress",
+                   "--val-fraction", "0.1", *TINY])
     assert rc == 0
     res = json.loads((out / RESULTS_FILE).read_text())
     assert res["protocol"] == "sem" and res["sem_temp"] == pytest.approx(1e-5)
-    c = len(DEMO_CLASSES)
+    assert res["selection"] == "holdout" and res["selection_protocol"].startswith("holdout")
+    c = len(DEMO_CLASSES)  # semlab's option: round(0.1 * 6) = 1 held-out image per class
     assert res["sizes"] == {"train": 5 * c, "holdout": c, "val": 6 * c}
+    held = {k: v["holdout_top1"] for k, v in res["classifiers"].items()}
+    assert held[res["best_classifier"]] == max(held.values()) == res["holdout_top1"]
     assert sorted(res["classifiers"]) == ["sem_lr0_001", "sem_lr0_1"]
     clf, meta = load_linear_classifier(out / BEST_CLASSIFIER_FILE)
     assert clf.in_dim == 16 * 16  # L * V of the demo model

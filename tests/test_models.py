@@ -22,6 +22,7 @@ from semlab.models import (
     load_weights,
     vit_giant2,
     vit_large_sem,
+    vit_tiny,
 )
 from semlab.models.layers import Attention, Block, DropPath, drop_add_residual_stochastic_depth
 
@@ -138,6 +139,27 @@ def test_init_matches_reference() -> None:
     head = DINOHead(64, 10, hidden_dim=32, bottleneck_dim=8)
     assert torch.all(head.last_layer.weight_g == 1)
     assert_close(head.last_layer.weight.norm(dim=1), torch.ones(10))
+
+
+
+def test_sem_layers_keep_pytorch_default_init_as_the_reference() -> None:
+    """The reference builds sem_embed/sem_out after the ViT's trunc-normal(0.02) init, so they keep
+    nn.Linear's default kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std
+    1/sqrt(3 fan_in), and sem_norm keeps ones/zeros. In the recipe these are the only layers not
+    loaded from the released backbone, so their scale sets how fast SEM trains."""
+    torch.manual_seed(0)
+    model = vit_tiny(embed_dim=64, depth=1, num_heads=2, num_register_tokens=4, L=64, V=32)
+    for name, fan_in, out in (("sem_embed", 5 * 64, 64 * 32), ("sem_out", 64 * 32, 64)):
+        w = getattr(model, name).weight.detach()
+        assert w.shape == (out, fan_in)
+        bound = 1 / math.sqrt(fan_in)
+        assert w.abs().max() <= bound + 1e-7, name
+        assert w.abs().max() > 0.99 * bound, f"{name}: not uniform over the full default range"
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.03, name
+        assert abs(w.mean().item()) < 0.01 * bound, name
+    assert torch.all(model.sem_norm.weight == 1) and torch.all(model.sem_norm.bias == 0)
+    # the ViT's own linears still get trunc_normal(0.02)
+    assert 0.018 < model.blocks[0].attn.qkv.weight.std() < 0.022
 
 
 # ------------------------------------------------------------------------ masks
@@ -404,8 +426,9 @@ def test_recipe_config_builds_the_reference_sem_layout() -> None:
     with torch.device("meta"):
         student, teacher, dim = build_model_from_cfg(cfg)
     assert dim == 1024 and teacher.sem_L == 512 and teacher.sem_V == 256
+    # the resolved recipe has unchunked blocks (blocks.<i>); chunked checkpoints still load
     with torch.device("meta"):
-        expected = vit_large_sem(num_register_tokens=4, init_values=1e-5, block_chunks=4)
+        expected = vit_large_sem(num_register_tokens=4, init_values=1e-5, block_chunks=0)
     assert {k: v.shape for k, v in teacher.state_dict().items()} == {
         k: v.shape for k, v in expected.state_dict().items()
     }

@@ -108,6 +108,7 @@ def evaluate_after_pretraining(
             lin_params = {
                 **params, "train_dataset": train_ds, "val_dataset": val_ds,
                 "best_classifier": res["best_classifier"], "iterations": res["iterations"],
+                "selection": res["selection"], "selection_protocol": res["selection_protocol"],
                 "batch_size": res["batch_size"], "learning_rates": str(list(cfg.linear.learning_rates)),
             }
             reporter.log_evaluation(kind, metrics, step=step, params=lin_params,

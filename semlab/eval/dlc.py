@@ -37,13 +37,27 @@ MAX_V = 2**16  # codes are stored as uint16
 
 
 # --------------------------------------------------------------------------- extraction
+def make_dlc_transform(crop_size: int = 224) -> Any:
+    """The reference extraction's image transform: CenterCrop(crop_size) of the image as it is (no
+    resize to 256 first), ToTensor, ImageNet normalisation. Smaller images are zero-padded by
+    CenterCrop, as in the reference."""
+    from torchvision import transforms
+
+    from semlab.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return transforms.Compose([
+        transforms.CenterCrop(int(crop_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
 @torch.no_grad()
 def codes_of_batch(backbone: nn.Module, x: Tensor) -> Tensor:
-    """(B, L) long codes: ``backbone.dlc(x)`` (argmax of each simplex of the raw SEM output)."""
-    if x.device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return backbone.dlc(x)
-    return backbone.dlc(x)
+    """(B, L) long codes: ``backbone.dlc(x)`` (argmax of each simplex of the raw SEM output), in
+    float32 as the reference extracts them: with 256 nearly tied vertices, bf16 logits would flip
+    argmaxes."""
+    return backbone.dlc(x.float())
 
 
 @torch.no_grad()

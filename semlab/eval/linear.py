@@ -4,7 +4,7 @@ A grid of linear classifiers ``y = W f + b`` (W ~ N(0, 0.01^2), b = 0) is traine
 same frozen features, one per combination of
 
     learning rate  lr  in linear.learning_rates
-    n_last_blocks  n   in linear.n_last_blocks     ({1, 4})
+    n_last_blocks  n   in linear.n_last_blocks     ({1}: the reference reads the last block only)
     avgpool        p   in linear.avgpool           ({no, yes})
 
 with ``f = concat(CLS_{D-n+1}, ..., CLS_D [, mean_patches(x_D)])``: the (normed) CLS tokens of the
@@ -15,10 +15,13 @@ and grids over learning rates only.
 
 Training: loss = sum over classifiers of CE(W f + b, y); SGD, momentum 0.9, weight decay 0, each
 classifier with its own lr scaled as ``lr * batch_size * world_size / 256``; cosine schedule to 0
-over ``epochs * epoch_length`` iterations. Images get RandomResizedCrop + flip each step, so the
+over ``epochs * epoch_length`` iterations. Images get RandomResizedCrop (area in
+``linear.train_crop_scale``, the reference's 0.08-1 by default) + flip each step, so the
 backbone (frozen, eval mode, bf16 autocast on CUDA) runs on every batch; features are not cached.
-Selection: the classifier with the best top-1 on the held-out part of the train set
-(``linear.val_fraction``), then evaluated on the val dataset (top-1 and top-5, in percent).
+Selection (:func:`selection_protocol`): by default the reference's, which trains on the whole train
+set and picks the classifier with the best top-1 on the val dataset; with ``linear.val_fraction``
+> 0, on a stratified held-out part of the train set instead. The chosen classifier is reported on
+the val dataset (top-1 and top-5, in percent).
 """
 
 from __future__ import annotations
@@ -203,7 +206,9 @@ def train_grid(
 ) -> dict[str, float]:
     """Train every classifier for ``max_iter`` steps (SGD momentum 0.9, wd 0, cosine lr to 0).
 
-    Returns throughput and the last losses: ``{"images_per_s", "seconds", "loss_mean"}``.
+    Returns throughput and the last logged losses: ``{"images_per_s", "seconds", "loss_mean",
+    "loss_min"}`` (mean over the grid, and of its lowest classifier: a too-large lr in the grid
+    inflates the mean while the classifiers worth choosing still converge).
     """
     if max_iter < 1:
         raise ValueError(
@@ -217,7 +222,7 @@ def train_grid(
         from tqdm import tqdm
 
         bar = tqdm(total=max_iter, desc="linear probe", unit="it", dynamic_ncols=True)
-    images, start, loss_mean = 0, time.perf_counter(), float("nan")
+    images, start, loss_mean, loss_min = 0, time.perf_counter(), float("nan"), float("nan")
     for it in range(max_iter):
         x, y = next(batches)
         x = x.to(device, non_blocking=True)
@@ -233,17 +238,20 @@ def train_grid(
         images += x.shape[0]
         if it % log_every == 0 or it == max_iter - 1:
             loss_mean = float(loss.detach()) / len(losses)
+            loss_min = float(torch.stack(losses).detach().min())
             rate = images / max(time.perf_counter() - start, 1e-9)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_mean:.3f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss_min=f"{loss_min:.3f}", loss_mean=f"{loss_mean:.3f}", img_s=f"{rate:.1f}")
             else:
-                logger.info("linear probe it %d/%d loss %.4f %.1f images/s", it, max_iter, loss_mean, rate)
+                logger.info("linear probe it %d/%d loss min %.4f mean %.4f %.1f images/s", it, max_iter,
+                            loss_min, loss_mean, rate)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    return {"images_per_s": images / max(seconds, 1e-9), "seconds": seconds, "loss_mean": loss_mean}
+    return {"images_per_s": images / max(seconds, 1e-9), "seconds": seconds, "loss_mean": loss_mean,
+            "loss_min": loss_min}
 
 
 @torch.no_grad()
@@ -299,6 +307,19 @@ def usable_block_counts(requested: Sequence[int], backbone: nn.Module) -> list[i
     return usable
 
 
+def selection_protocol(val_fraction: float) -> str:
+    """How the best classifier is chosen, in words that every result file and MLflow record carries.
+
+    ``val_fraction`` 0 is the reference's protocol (DINOv2 and the seed: train on the whole train
+    set, pick the best classifier on the val set and report it there); > 0 is semlab's option of
+    picking on a stratified held-out fraction of train, so that the val figure is not selected on.
+    """
+    if val_fraction == 0.0:
+        return "reference: trained on all of train, best classifier picked on val"
+    kept, held = f"{1 - val_fraction:.0%}", f"{val_fraction:.0%}"
+    return f"holdout: trained on {kept} of train, best classifier picked on a {held} train holdout"
+
+
 def run_linear_probe(
     backbone: nn.Module,
     cfg: Any,
@@ -327,7 +348,7 @@ def run_linear_probe(
     features = FrozenFeatures(backbone, n_max, sem_temp=float(cfg.evaluation.sem_temp) if use_sem else None)
     data = make_probe_data(
         train_dataset, val_dataset, int(lin.batch_size), int(lin.num_workers), int(lin.resize_size),
-        int(lin.crop_size), float(lin.val_fraction), seed,
+        int(lin.crop_size), float(lin.val_fraction), seed, tuple(lin.train_crop_scale),
     )
     specs = grid_specs(list(lin.learning_rates), n_last_blocks, list(lin.avgpool),
                        int(lin.batch_size), world_size, protocol)
@@ -339,20 +360,17 @@ def run_linear_probe(
     logger.info("linear probe (%s): %d classifiers, %d iterations of %d images, %s", protocol, len(specs),
                 max_iter, int(lin.batch_size), data.sizes)
     stats = train_grid(grid, features, train_iter, max_iter, device, progress=progress)
-    selection = "holdout"
+    val_all = evaluate_grid(grid, features, data.val, device)
     if data.holdout is not None:
-        held = evaluate_grid(grid, features, data.holdout, device)
-        val_all = evaluate_grid(grid, features, data.val, device)
+        selection, held = "holdout", evaluate_grid(grid, features, data.holdout, device)
     else:
-        logger.warning("linear.val_fraction = 0: the best classifier is chosen on the val set itself")
-        selection = "val"
-        val_all = evaluate_grid(grid, features, data.val, device)
-        held = val_all
+        selection, held = "val", val_all
     best = best_of(held)
     results = {
         "protocol": protocol,
         "best_classifier": best,
         "selection": selection,
+        "selection_protocol": selection_protocol(float(lin.val_fraction)),
         "val_top1": val_all[best]["top1"],
         "val_top5": val_all[best]["top5"],
         "holdout_top1": held[best]["top1"],
@@ -370,6 +388,9 @@ def run_linear_probe(
         "sem_temp": float(cfg.evaluation.sem_temp) if use_sem else None,
         "images_per_s": stats["images_per_s"],
         "train_seconds": stats["seconds"],
+        "final_loss_min": stats["loss_min"],
+        "final_loss_mean": stats["loss_mean"],
+        "train_crop_scale": [float(v) for v in lin.train_crop_scale],
         "device": str(device),
     }
     save_results(results, grid, best, output_dir)

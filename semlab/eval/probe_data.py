@@ -118,12 +118,14 @@ def make_probe_data(
     crop_size: int,
     val_fraction: float,
     seed: int = 0,
+    train_crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> ProbeData:
     """Build the three loaders from dataset strings (any ``make_dataset`` string, Parquet shards too)."""
     from semlab.data import make_dataset
     from semlab.data.pipeline.augment import make_eval_transform, make_probe_train_transform
 
-    train_aug = make_dataset(train_dataset, transform=make_probe_train_transform(crop_size))
+    train_tf = make_probe_train_transform(crop_size, scale=train_crop_scale)
+    train_aug = make_dataset(train_dataset, transform=train_tf)
     eval_tf = make_eval_transform(resize_size, crop_size)
     val = make_dataset(val_dataset, transform=eval_tf)
     if len(train_aug) == 0:

@@ -166,6 +166,9 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
+        # The reference builds the SEM layers after the ViT's weight init, so they keep PyTorch's
+        # default init (nn.Linear: U(+-1/sqrt(fan_in)); LayerNorm: ones/zeros): same order here.
+        self.init_weights()
         self.sem_L = int(L or 0)
         if self.sem_L > 0:
             check_sem(L, V)
@@ -178,18 +181,21 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
                 sem_variant,
                 sem_view_dim,
             )
-        self.init_weights()
 
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
         """pos_embed ~ trunc_normal(0.02); cls and register tokens ~ N(0, 1e-6); mask_token = 0;
-        every Linear ~ trunc_normal(0.02) with zero bias (LayerNorm and the patch conv keep torch's init)."""
+        every Linear of the ViT ~ trunc_normal(0.02) with zero bias (LayerNorm and the patch conv keep
+        torch's init). The SEM layers (``sem_*``) are left alone: as in the reference, they keep
+        PyTorch's default init, whose scale sets how fast SEM trains from released weights."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)
-        self.apply(_init_linear)
+        for name, module in self.named_modules():
+            if not name.startswith("sem_"):
+                _init_linear(module)
 
     # ---------------------------------------------------------------- tokens
     def iter_blocks(self) -> Iterator[Block]:

@@ -79,10 +79,12 @@ def max_iterations(cfg: DictConfig) -> int:
 
 
 def checkpoint_period(cfg: DictConfig) -> int:
-    """``train.checkpoint_period_iterations`` when > 0, else ``saveckp_freq * OFFICIAL_EPOCH_LENGTH``."""
+    """Iterations between full checkpoints: ``train.checkpoint_period_iterations`` when > 0, else the
+    reference's ``3 * OFFICIAL_EPOCH_LENGTH`` (3,750 in the recipe). Like the reference's
+    ``PeriodicCheckpointer``, this ignores ``train.saveckp_freq``."""
     if int(cfg.train.checkpoint_period_iterations) > 0:
         return int(cfg.train.checkpoint_period_iterations)
-    return int(cfg.train.saveckp_freq) * int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+    return 3 * int(cfg.train.OFFICIAL_EPOCH_LENGTH)
 
 
 class MetricsLog:

@@ -517,12 +517,20 @@ def make_eval_transform(resize: int = 256, crop: int = 224) -> Callable[[Any], t
     )
 
 
-def make_probe_train_transform(crop: int = 224, hflip_prob: float = 0.5) -> Callable[[Any], torch.Tensor]:
-    """The linear probe's training augmentation: ``RandomResizedCrop(crop, bicubic)`` (scale 0.08-1) +
-    horizontal flip + ``ToTensor`` + ImageNet ``Normalize``; takes a PIL image or encoded bytes."""
+def make_probe_train_transform(
+    crop: int = 224, hflip_prob: float = 0.5, scale: tuple[float, float] = (0.08, 1.0)
+) -> Callable[[Any], torch.Tensor]:
+    """The linear probe's training augmentation: ``RandomResizedCrop(crop, scale, bicubic)`` (the
+    reference's scale 0.08-1 by default) + horizontal flip + ``ToTensor`` + ImageNet ``Normalize``;
+    takes a PIL image or encoded bytes."""
     from torchvision import transforms as T
 
-    steps: list[Any] = [to_rgb_pil, T.RandomResizedCrop(int(crop), interpolation=T.InterpolationMode.BICUBIC)]
+    lo, hi = (float(v) for v in scale)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"linear.train_crop_scale must satisfy 0 < min <= max <= 1, got {list(scale)}")
+    steps: list[Any] = [
+        to_rgb_pil, T.RandomResizedCrop(int(crop), scale=(lo, hi), interpolation=T.InterpolationMode.BICUBIC)
+    ]
     if hflip_prob > 0:
         steps.append(T.RandomHorizontalFlip(hflip_prob))
     steps += [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
