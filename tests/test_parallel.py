@@ -262,8 +262,12 @@ def test_two_ranks_match_single_process(runs, strategy):
         )
     assert ref["losses"][0] != ref["losses"][1], "the step changed nothing: the comparison would be vacuous"
     ref_state = _load_state(out, 1, "SHARD_GRAD_OP", 0)
+    # AdamW divides each gradient element by its own RMS, so an element whose gradient is at rounding
+    # level moves by a sizeable fraction of lr (1e-2) on one side and not the other: a different (and
+    # equally right) reduction order changed one of 9,216 fc1 weights by 7e-5 = 0.7 % of lr. Losses and
+    # gradient norms above match to 1e-5; parameters match to 1 % of one step's lr.
     for rank in range(2):
-        _assert_states_close(_load_state(out, 2, strategy, rank), ref_state, atol=2e-5, rtol=1e-4)
+        _assert_states_close(_load_state(out, 2, strategy, rank), ref_state, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
