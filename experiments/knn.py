@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from semlab.config import ConfigError, load_config
+from semlab.eval.eval_datasets import resolve_eval_datasets
 from semlab.eval.knn_report import knn_accuracy
 from semlab.eval.linear import build_eval_backbone
 from semlab.eval.sem_temp import resolve_eval_sem_temp
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not (args.train_dataset and args.val_dataset):
+        print(resolve_eval_datasets(cfg))
     train_ds = args.train_dataset or cfg.evaluation.knn_dataset_train
     val_ds = args.val_dataset or cfg.evaluation.knn_dataset_val
     if not train_ds or not val_ds:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from semlab.config import ConfigError, load_config
+from semlab.eval.eval_datasets import resolve_eval_datasets
 from semlab.eval.linear import build_eval_backbone, resolve_recipe, run_linear_probe
 from semlab.eval.sem_temp import resolve_eval_sem_temp
 
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not (args.train_dataset and args.val_dataset):
+        print(resolve_eval_datasets(cfg))
     train_ds = args.train_dataset or cfg.evaluation.knn_dataset_train
     val_ds = args.val_dataset or cfg.evaluation.knn_dataset_val
     if not train_ds or not val_ds:

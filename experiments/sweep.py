@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from semlab.config import ConfigError, load_config
+from semlab.eval.eval_datasets import resolve_eval_datasets
 from semlab.orchestration.cluster import ClusterError, connect
 from semlab.orchestration.tune import default_metric, run_sweep, summarize
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config_file, args.overrides)
+        print(resolve_eval_datasets(cfg))
         handle = connect(cfg)
     except (ConfigError, ClusterError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -58,5 +58,5 @@ def test_sweep_runs_a_tiny_plan(tmp_path: Path) -> None:
     pool, run = (json.loads(line) for line in out.read_text().splitlines())
     assert pool == {"pool": "demo", "batches": 2, "seconds": pool["seconds"]}
     assert run["run"] == "r" and run["iterations"] == 2
-    assert set(run["knn"]) == {"teacher", "teacher_sem_raw", "random_init", "raw_pixels"}
+    assert set(run["knn"]) == {"teacher", "teacher_sem_raw", "teacher_train_tau", "random_init", "raw_pixels"}
     assert all(0.0 <= v <= 100.0 for v in run["knn"].values())

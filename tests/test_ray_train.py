@@ -260,7 +260,9 @@ def test_sweep_trial_configs():
     from semlab.config import load_config
     from semlab.orchestration.tune import default_metric, trial_config, trial_dirname
 
-    base = OmegaConf.to_container(load_config("demo_tiny"), resolve=True)
+    demo = load_config("demo_tiny", ["evaluation.knn_dataset_train=Demo:split=TRAIN",
+                                      "evaluation.knn_dataset_val=Demo:split=VAL"])
+    base = OmegaConf.to_container(demo, resolve=True)
     cfg = trial_config(base, 32, 0.5)
     assert cfg.student.L == 32 and cfg.student.temp == 0.5 and cfg.mlflow.run_name == "L32_temp0.5"
     assert trial_dirname(8, 1.0) == "L8_temp1" and default_metric(cfg) == ("knn_top1_teacher", "max")

@@ -251,14 +251,13 @@ def test_pretrain_entry_point_writes_config_metrics_and_knn(tmp_path, capsys):
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     root = tmp_path / "demo"
-    val = f"Demo:split=VAL:root={root}:n_per_class=3"
+    # no evaluation.knn_dataset_*: the evaluation follows train.dataset_path to its VAL split
+    train, val = (f"Demo:split={s}:root={root}:n_per_class=4" for s in ("TRAIN", "VAL"))
     # --local: the single-process path (the Ray path is tested in test_ray_train / test_job_submit_e2e)
     args = ["--output-dir", str(tmp_path / "out"), "--local", "train.num_workers=0"]
     args += TINY + [
-        f"train.dataset_path=Demo:split=TRAIN:root={root}:n_per_class=4",
+        f"train.dataset_path={train}",
         "train.batch_size_per_gpu=8",
-        f"evaluation.knn_dataset_train=Demo:split=TRAIN:root={root}:n_per_class=4",
-        f"evaluation.knn_dataset_val={val}",
         "knn.nb_knn=[5]",
         "linear.resize_size=32",
         "linear.crop_size=28",
@@ -268,16 +267,23 @@ def test_pretrain_entry_point_writes_config_metrics_and_knn(tmp_path, capsys):
     ]
     assert entry.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [x.split(":")[0] for x in lines[-5:]] == [
-        "k-NN top-1 (k=5) trained teacher",
-        "k-NN top-1 (k=5) random-init backbone",
-        "k-NN top-1 (k=5) raw pixels",
+    assert f"evaluation on {val} (train/bank: {train}), following train.dataset_path" in lines
+    where = f"k-NN top-1 (k=5, on {val})"
+    assert [x.rsplit(": ", 1)[0] for x in lines[-7:]] == [
+        f"{where} trained teacher, raw SEM simplices at tau=1e-05",
+        f"{where} trained teacher, CLS with SEM at the training tau=1.0",
+        f"{where} trained teacher, CLS with SEM at tau=1e-05",
+        f"{where} random-init backbone, same reading",
+        f"{where} raw pixels",
         "linear probe on CLS tokens",
         "linear probe on raw SEM simplices",
     ]
+    assert lines[-1].endswith(f"on {val}")
     out = tmp_path / "out"
     report = json.loads((out / "knn_results.json").read_text())
-    assert set(report["top1"]) == {"teacher", "teacher_sem_raw", "random_init", "raw_pixels"}
+    names = {"teacher", "teacher_sem_raw", "teacher_train_tau", "random_init", "raw_pixels"}
+    assert set(report["top1"]) == names
+    assert report["val_dataset"] == val and report["sem_temp"] == 1e-5 and report["train_sem_temp"] == 1.0
     assert all(0.0 <= v <= 100.0 for v in report["top1"].values())
     saved = load_config(out / "config.yaml")
     assert saved.train.output_dir == str(out) and saved.optim.lr > 0

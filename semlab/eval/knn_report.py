@@ -5,9 +5,11 @@
 - :func:`knn_report`: the end-of-pretraining report comparing three feature extractors on the same
   held-out split, so that a run shows whether it learned anything:
 
-  - the trained teacher (``x_norm_clstoken``, i.e. the SEM vector for SEM backbones; and the raw
-    SEM simplex at ``evaluation.sem_temp`` as an extra line),
-  - the same architecture freshly initialised with the same seed (what training started from),
+  - the trained teacher (``x_norm_clstoken``, i.e. the SEM vector for SEM backbones), with SEM read
+    at the evaluation tau ``evaluation.sem_temp`` (1e-5, as the reference evaluates) and, as an extra
+    line, at the training tau ``student.temp``; and the raw SEM simplex at the evaluation tau,
+  - the same architecture freshly initialised with the same seed (what training started from), read
+    like the teacher's headline figure,
   - raw pixels (the eval crop average-pooled to 16 x 16, L2-normalised).
 
 - :class:`FinalKnn`: the ``evaluate`` hook that ``semlab.train.pretraining.run_pretraining``
@@ -16,7 +18,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +91,20 @@ def random_init_backbone(cfg: DictConfig) -> nn.Module:
     return student
 
 
+@contextlib.contextmanager
+def sem_temperature(backbone: nn.Module, tau: float) -> Iterator[None]:
+    """Read the backbone's SEM (its CLS output included) at ``tau`` inside the block; no-op without SEM."""
+    if not getattr(backbone, "has_sem", False):
+        yield
+        return
+    previous = backbone.sem_temp
+    backbone.set_sem_temp(tau)
+    try:
+        yield
+    finally:
+        backbone.set_sem_temp(previous)
+
+
 def _primary_k(nb_knn: list[int]) -> int:
     return 20 if 20 in nb_knn else nb_knn[0]
 
@@ -103,11 +121,20 @@ def knn_report(
     if datasets is None:
         raise ValueError("set evaluation.knn_dataset_train and evaluation.knn_dataset_val to run the k-NN")
     device = next(teacher_backbone.parameters()).device
-    results: dict[str, Accuracies] = {"teacher": knn_accuracy(cfg, teacher_backbone, "cls", device)}
-    if getattr(teacher_backbone, "has_sem", False):
-        results["teacher_sem_raw"] = knn_accuracy(cfg, teacher_backbone, "sem", device)
+    eval_tau, train_tau = float(cfg.evaluation.sem_temp), float(cfg.student.temp)
+    has_sem = bool(getattr(teacher_backbone, "has_sem", False))
+    results: dict[str, Accuracies] = {}
+    with sem_temperature(teacher_backbone, eval_tau):
+        results["teacher"] = knn_accuracy(cfg, teacher_backbone, "cls", device)
+        if has_sem:
+            results["teacher_sem_raw"] = knn_accuracy(cfg, teacher_backbone, "sem", device)
+    if has_sem and train_tau != eval_tau:
+        with sem_temperature(teacher_backbone, train_tau):
+            results["teacher_train_tau"] = knn_accuracy(cfg, teacher_backbone, "cls", device)
     if baselines:
-        results["random_init"] = knn_accuracy(cfg, random_init_backbone(cfg).to(device), "cls", device)
+        random_init = random_init_backbone(cfg).to(device)
+        with sem_temperature(random_init, eval_tau):
+            results["random_init"] = knn_accuracy(cfg, random_init, "cls", device)
         results["raw_pixels"] = knn_accuracy(cfg, None, "pixels", torch.device("cpu"))
     nb_knn = [int(k) for k in cfg.knn.nb_knn]
     k = _primary_k(nb_knn)
@@ -119,7 +146,8 @@ def knn_report(
         "temperature": float(cfg.knn.temperature),
         "train_dataset": datasets[0],
         "val_dataset": datasets[1],
-        "sem_temp": float(cfg.evaluation.sem_temp),
+        "sem_temp": eval_tau,
+        "train_sem_temp": train_tau if has_sem else None,
     }
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / KNN_RESULTS, json.dumps(report, indent=2) + "\n")
@@ -127,19 +155,21 @@ def knn_report(
 
 
 def format_knn_lines(report: dict[str, Any]) -> list[str]:
-    """Human-readable lines: SEM raw (if any) first, then teacher, random init, raw pixels."""
+    """Human-readable lines, each naming the dataset it was measured on: SEM raw (if any), the
+    teacher at the training tau (if SEM), then the headline teacher, random init, raw pixels."""
     k, top1 = report["k"], report["top1"]
+    tau, train_tau = report.get("sem_temp"), report.get("train_sem_temp")
+    sem = "teacher_sem_raw" in top1
     labels = {
-        "teacher_sem_raw": f"trained teacher, SEM raw (tau={report.get('sem_temp')})",
-        "teacher": "trained teacher",
-        "random_init": "random-init backbone",
+        "teacher_sem_raw": f"trained teacher, raw SEM simplices at tau={tau:g}" if sem else "",
+        "teacher_train_tau": f"trained teacher, CLS with SEM at the training tau={train_tau}",
+        "teacher": f"trained teacher, CLS with SEM at tau={tau:g}" if sem else "trained teacher, CLS",
+        "random_init": "random-init backbone, same reading",
         "raw_pixels": "raw pixels",
     }
-    return [
-        f"k-NN top-1 (k={k}) {labels[name]}: {top1[name]:.2f}%"
-        for name in ("teacher_sem_raw", "teacher", "random_init", "raw_pixels")
-        if name in top1
-    ]
+    where = f"k={k}, on {report['val_dataset']}"
+    order = ("teacher_sem_raw", "teacher_train_tau", "teacher", "random_init", "raw_pixels")
+    return [f"k-NN top-1 ({where}) {labels[name]}: {top1[name]:.2f}%" for name in order if name in top1]
 
 
 class FinalKnn:

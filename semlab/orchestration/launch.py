@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from semlab.eval.eval_datasets import resolve_eval_datasets
+
+    print(resolve_eval_datasets(cfg))
     output_dir = Path(args.output_dir).resolve()
     resume = not args.no_resume
     start = time.perf_counter()

@@ -3,7 +3,8 @@
 Accepted strings (keys in any order; ``split`` values are case-insensitive):
 
 - ``ImageNet:split=TRAIN|VAL|TEST:root=<dir>[:extra=<dir>]`` (``extra`` defaults to ``root``)
-- ``ImageFolder:root=<dir>``
+- ``ImageFolder:root=<dir>[:split=TRAIN|VAL[:val_fraction=0.1]]`` (with ``split``: a fixed held-out
+  part of the folder, see :func:`semlab.data.datasets.image_folder.in_val_split`)
 - ``Demo:split=TRAIN|VAL[:root=<cache dir>][:n_per_class=<n>]``
 - ``Parquet:path=<dir or URI>[:split=TRAIN]`` (``semlab.data.datasets.parquet.ParquetDataset``)
 
@@ -21,7 +22,7 @@ DATASET_NAMES = ("ImageNet", "ImageFolder", "Demo", "Parquet")
 # name -> (required keys, optional keys)
 DATASET_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ImageNet": (("split", "root"), ("extra",)),
-    "ImageFolder": (("root",), ()),
+    "ImageFolder": (("root",), ("split", "val_fraction")),
     "Demo": (("split",), ("root", "n_per_class")),
     "Parquet": (("path",), ("split",)),
 }

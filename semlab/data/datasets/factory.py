@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from semlab.data.datasets.dataset_str import parse_dataset_str
-from semlab.data.datasets.image_folder import DatasetError
+from semlab.data.datasets.image_folder import DEFAULT_VAL_FRACTION, DatasetError
 
 
 def make_dataset(
@@ -24,7 +24,13 @@ def make_dataset(
     if name == "ImageFolder":
         from semlab.data.datasets.image_folder import ImageFolder
 
-        return ImageFolder(kwargs["root"], transform=transform, target_transform=target_transform)
+        return ImageFolder(
+            kwargs["root"],
+            transform=transform,
+            target_transform=target_transform,
+            split=kwargs.get("split"),
+            val_fraction=kwargs.get("val_fraction", DEFAULT_VAL_FRACTION),
+        )
     if name == "Demo":
         from semlab.data.datasets.demo import DemoDataset
 

@@ -9,6 +9,7 @@ and the Parquet shard writer read), ``labels`` (np.int64, one per sample, -1 whe
 from __future__ import annotations
 
 import abc
+import hashlib
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DEFAULT_VAL_FRACTION = 0.1
 
 
 class DatasetError(ValueError):
@@ -133,10 +135,38 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     return classes, relpaths, np.asarray(labels, dtype=np.int64)
 
 
+def in_val_split(relpath: str, val_fraction: float) -> bool:
+    """Whether an image belongs to the held-out VAL part of an ImageFolder: the first 8 bytes of
+    SHA-1(relative path), read as a number in [0, 1), are below ``val_fraction``.
+
+    A pure function of the file's path: the split is the same on every machine and run, an image
+    never changes side when others are added or removed, and each class keeps about
+    ``val_fraction`` of its images in VAL.
+    """
+    digest = hashlib.sha1(relpath.replace(os.sep, "/").encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def _parse_split(split: str | None, val_fraction: float | str) -> tuple[str | None, float]:
+    try:
+        fraction = float(val_fraction)
+    except ValueError:
+        fraction = float("nan")
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"ImageFolder val_fraction must be a number in (0, 1), got {val_fraction!r}")
+    if split is None:
+        return None, fraction
+    if split.upper() not in ("TRAIN", "VAL"):
+        raise DatasetError(f"ImageFolder split must be TRAIN or VAL, got {split!r}")
+    return split.upper(), fraction
+
+
 class ImageFolder(FileImageDataset):
     """``root/<class>/<image>`` (any depth under the class folder); classes are the sorted sub-folders.
 
     ``class_ids`` and ``class_names`` are both the folder names unless ``class_names`` is given.
+    ``split`` (``TRAIN`` or ``VAL``) keeps one side of a fixed held-out split of the folder
+    (:func:`in_val_split` at ``val_fraction``); without it, every image.
     """
 
     def __init__(
@@ -145,12 +175,19 @@ class ImageFolder(FileImageDataset):
         transform: Callable[[Image.Image], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
         class_names: Sequence[str] | None = None,
+        split: str | None = None,
+        val_fraction: float | str = DEFAULT_VAL_FRACTION,
     ) -> None:
         super().__init__(transform, target_transform)
         self.root = Path(root).expanduser()
+        self.split, self.val_fraction = _parse_split(split, val_fraction)
         if not self.root.is_dir():
             raise DatasetError(f"ImageFolder root {self.root} does not exist or is not a folder")
         classes, self._relpaths, self.labels = scan_class_folders(self.root)
+        if self.split is not None:
+            keep = [in_val_split(rel, self.val_fraction) == (self.split == "VAL") for rel in self._relpaths]
+            self._relpaths = [rel for rel, k in zip(self._relpaths, keep) if k]
+            self.labels = self.labels[np.asarray(keep, dtype=bool)]
         if not classes:
             raise DatasetError(
                 f"ImageFolder root {self.root} has no class sub-folders; expected "
