@@ -11,7 +11,11 @@ than about a second, ``ray`` / ``mlflow`` for those that start a real Ray cluste
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -34,6 +38,22 @@ def build_tiny_vit(seed: int | None = None, **overrides: Any) -> DinoVisionTrans
 @pytest.fixture
 def tiny_vit() -> Callable[..., DinoVisionTransformer]:
     return build_tiny_vit
+
+
+def import_experiment(name: str) -> ModuleType:
+    """The entry point ``experiments/<name>.py`` as a module (``knn``, ``linear``, ``extract_dlc``...)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def write_teacher_checkpoint(path: Path, backbone: torch.nn.Module) -> Path:
+    """``backbone`` saved as a teacher eval checkpoint in semlab's layout (``{"teacher": backbone.*}``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, path)
+    return path
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import build_tiny_vit
+from conftest import build_tiny_vit, import_experiment, write_teacher_checkpoint
 
 from semlab.data.datasets.demo import DEMO_CLASSES
 from semlab.eval.dlc import (
@@ -25,7 +23,6 @@ from semlab.eval.dlc import (
 )
 from semlab.models import build_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 L, V = 8, 16
 
 
@@ -100,15 +97,8 @@ def test_extract_dlc_command_on_the_demo(tmp_path, capsys, one_thread):
     cfg = load_config("train/demo_tiny")
     torch.manual_seed(1)
     teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
-    ckpt = tmp_path / "eval" / "training_9" / "teacher_checkpoint.pth"
-    ckpt.parent.mkdir(parents=True)
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()}}, ckpt)
-
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import extract_dlc
-    finally:
-        sys.path.pop(0)
+    ckpt = write_teacher_checkpoint(tmp_path / "eval" / "training_9" / "teacher_checkpoint.pth", teacher)
+    extract_dlc = import_experiment("extract_dlc")
     dataset = "Demo:split=VAL:n_per_class=3"
     n = 3 * len(DEMO_CLASSES)
     out = tmp_path / "dlc"

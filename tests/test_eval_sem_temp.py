@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_experiment, write_teacher_checkpoint
 
 from semlab.config import load_config, save_config
 from semlab.eval.sem_temp import resolve_eval_sem_temp
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def training_run_config(tmp_path: Path) -> Path:
@@ -50,14 +48,8 @@ def test_knn_command_reads_cls_through_sem_at_the_eval_temperature(tmp_path, cap
     config = training_run_config(tmp_path)
     torch.manual_seed(0)
     teacher, _ = build_model_from_cfg(load_config(str(config)), only_teacher=True)
-    ckpt = tmp_path / "eval" / "training_9" / "teacher_checkpoint.pth"
-    ckpt.parent.mkdir(parents=True)
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in teacher.state_dict().items()}}, ckpt)
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import knn as cli
-    finally:
-        sys.path.pop(0)
+    ckpt = write_teacher_checkpoint(tmp_path / "eval" / "training_9" / "teacher_checkpoint.pth", teacher)
+    cli = import_experiment("knn")
     seen = {}
     real = cli.build_eval_backbone
 
