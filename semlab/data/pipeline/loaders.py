@@ -227,10 +227,11 @@ def make_local_data_iterator(
     if start_iter < 0:
         raise ValueError(f"start_iter must be >= 0, got {start_iter}")
     dataset = make_dataset(cfg.train.dataset_path)
+    data_cfg = cfg.get("data", None) or {}
     samples = AugmentedSamples(
         dataset, make_augmentation(cfg), seed,
-        max_bad_fraction=float(cfg.data.get("max_bad_image_fraction", 0.0)),
-        max_image_pixels=cfg.data.get("max_image_pixels", None),
+        max_bad_fraction=float(data_cfg.get("max_bad_image_fraction", 0.0)),  # absent: stop at the first
+        max_image_pixels=data_cfg.get("max_image_pixels", None),
     )
     mask_generator, n_tokens = make_masking(cfg)
     ratio = tuple(float(v) for v in cfg.ibot.mask_ratio_min_max)
