@@ -245,3 +245,51 @@ def test_too_many_unreadable_images_stop_the_run_naming_them(tmp_path):
         for i in range(len(samples)):
             samples[(i, 0, i)]
     assert "a/0.png" in str(info.value) and "a/2.png" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- kill -9 mid-checkpoint
+KILLED_WRITER = """
+import io, os, signal, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from test_train_loop import build, data_factory, tiny_cfg
+from semlab.train.loop import do_train
+
+real_save, calls = torch.save, []
+
+def dying_save(obj, f, *args, **kwargs):
+    calls.append(f)
+    if len(calls) == 2:  # the second checkpoint: half of it reaches the disk, then SIGKILL
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = dying_save
+cfg = tiny_cfg()
+do_train(cfg, build(cfg), data_factory(cfg), {out!r})
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_a_checkpoint_resumes_exactly(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [it for it, _ in list_checkpoints(out)] == [1]
+    assert len(list((out / "checkpoints").glob(".model_0000003.pth.*.tmp"))) == 1  # the half-written file
+    cfg = tiny_cfg()
+    ref = build(cfg)
+    do_train(cfg, ref, data_factory(cfg), tmp_path / "ref")
+    resumed = build(tiny_cfg())
+    summary = do_train(tiny_cfg(), resumed, data_factory(cfg), out)
+    assert summary["start_iteration"] == 2 and summary["iteration"] == 5
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    for (key, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
