@@ -84,6 +84,14 @@ def test_bad_config_values_are_refused_naming_the_key(override, named):
         check_training_config(load_config("train/demo_tiny", [override]))
 
 
+def test_typed_keys_still_take_numbers_and_interpolations(monkeypatch):
+    monkeypatch.setenv("WT_SEMLAB_L", "8")
+    cfg = load_config("train/demo_tiny", ["student.L=${oc.env:WT_SEMLAB_L,4}", "optim.base_lr=1e-3"])
+    assert int(cfg.student.L) == 8 and cfg.optim.base_lr == 1e-3
+    with pytest.raises(ConfigError, match="mlflow.enabled='maybe': expected true or false"):
+        load_config("train/demo_tiny", ["mlflow.enabled=maybe"])
+
+
 # ---------------------------------------------------------------------------- diverged parameters
 def test_health_check_names_non_finite_and_exploded_tensors():
     good = {"student.w": torch.ones(3), "teacher.w": torch.ones(3), "dino_loss.center": torch.full((2,), 1e9)}

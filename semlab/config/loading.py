@@ -85,12 +85,19 @@ def _check_known_keys(candidate: DictConfig | dict, defaults: DictConfig, source
 
 
 def _check_value_types(cfg: DictConfig, defaults: DictConfig) -> None:
-    """A key whose default is a number or a bool must not hold text (``student.L=abc``)."""
+    """A key whose default is a number or a bool must not hold text (``student.L=abc``); interpolations
+    are left alone."""
     for key in _flat_keys(defaults):
         default = OmegaConf.select(defaults, key)
         if default is None or isinstance(default, DictConfig | ListConfig | str):
             continue
-        value = OmegaConf.select(cfg, key)
+        section, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, section) if section else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            continue
+        if OmegaConf.is_interpolation(parent, leaf):
+            continue  # an interpolation (${oc.env:...}) is checked where it is resolved
+        value = parent[leaf]
         if isinstance(value, str):
             kind = "true or false" if isinstance(default, bool) else (
                 "an integer" if isinstance(default, int) else "a number")
