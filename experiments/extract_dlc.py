@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     from semlab.data import make_dataset
     from semlab.eval.dlc import export_dlc, make_dlc_transform
     from semlab.eval.linear import build_eval_backbone
+    from semlab.utils.output_dirs import ensure_writable_dir
 
     try:
+        ensure_writable_dir(args.output, "--output")  # before the model and the whole dataset run
+        crop = int(cfg.linear.crop_size)
+        dataset = make_dataset(args.dataset, transform=make_dlc_transform(crop))
         backbone = build_eval_backbone(cfg, args.pretrained_weights or None)
         if not getattr(backbone, "has_sem", False):
             raise ValueError(f"the model of {args.config_file} has no SEM (student.L = 0): it has no codes")
-        crop = int(cfg.linear.crop_size)
-        dataset = make_dataset(args.dataset, transform=make_dlc_transform(crop))
         export_dlc(backbone, dataset, args.output, batch_size=args.batch_size, num_workers=args.num_workers,
                    device=args.device, progress=not args.no_progress,
                    metadata={"checkpoint": args.pretrained_weights, "dataset": args.dataset,

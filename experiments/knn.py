@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from semlab.config import ConfigError, load_config
+from semlab.data import make_dataset
 from semlab.eval.eval_datasets import resolve_eval_datasets
 from semlab.eval.knn_report import knn_accuracy
 from semlab.eval.linear import build_eval_backbone
 from semlab.eval.sem_temp import resolve_eval_sem_temp
 from semlab.utils.atomic import atomic_write_text
+from semlab.utils.output_dirs import ensure_writable_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        if args.output_dir:
+            ensure_writable_dir(args.output_dir)
+        make_dataset(train_ds)  # both datasets are checked before any feature is extracted
+        make_dataset(val_ds)
         tau_line = resolve_eval_sem_temp(cfg, args.sem_temp, args.overrides)
         backbone = build_eval_backbone(cfg, args.pretrained_weights)
     except (FileNotFoundError, ValueError) as exc:

@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 
 from semlab.config import ConfigError, load_config
+from semlab.data import make_dataset
 from semlab.eval.eval_datasets import resolve_eval_datasets
 from semlab.eval.linear import build_eval_backbone, resolve_recipe, run_linear_probe
 from semlab.eval.sem_temp import resolve_eval_sem_temp
+from semlab.utils.output_dirs import ensure_writable_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        ensure_writable_dir(args.output_dir)  # inputs and outputs checked before any compute
+        make_dataset(train_ds)
+        make_dataset(val_ds)
         tau_line = resolve_eval_sem_temp(cfg, args.sem_temp, args.overrides)
         backbone = build_eval_backbone(cfg, args.pretrained_weights or None)
         if getattr(backbone, "has_sem", False):

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from semlab.data.datasets.shards import ensure_imagenet_extra, prepare_shards  # noqa: E402
+from semlab.utils.output_dirs import OutputDirError, ensure_writable_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    for flag, value in (("--rows-per-shard", args.rows_per_shard), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if not args.shard_size_mb > 0:
+        parser.error(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+    try:
+        ensure_writable_dir(args.output, "--output")
+    except OutputDirError as exc:
+        parser.error(str(exc))
     if args.extra:
         ensure_imagenet_extra(args.dataset, force=True)
         return 0

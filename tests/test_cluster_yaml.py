@@ -131,3 +131,12 @@ def test_head_services_bound_sensibly(raw):
     assert "--port=6379" in start
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
     assert "$RAY_HEAD_IP:6379" in _commands(raw, "worker_start_ray_commands")
+
+
+def test_head_gcs_requires_the_ray_auth_token(raw):
+    """The GCS port is open to the VPC: without token auth anyone who reaches it can run code."""
+    for section in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = _commands(raw, section)
+        assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.ray-auth/auth_token;" in start, section
+        assert start.index("RAY_AUTH_MODE=token") < start.index("ray start"), section
+    assert raw["file_mounts"].get("~/.ray-auth") == "~/.ray-auth"  # the shared token reaches every node

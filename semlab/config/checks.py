@@ -5,6 +5,10 @@ initial-weights keys. Each error names the config key to change.
   architecture needs ``student.L`` > 0; temperatures (``student.temp``, ``evaluation.sem_temp``)
   > 0. The models call it with their keyword arguments (which come from those keys), the model
   builder and the sweep with the config's values: one rule, one wording.
+- :func:`check_training_config`: what a pretraining needs before it starts: the student's SEM
+  settings together, ``train.batch_size_per_gpu`` >= 1, ``train.OFFICIAL_EPOCH_LENGTH`` >= 1,
+  ``train.param_abs_limit`` > 0. The command line and :func:`semlab.train.pretraining.prepare_run`
+  call it, so a bad value stops the run before any model, data or MLflow run exists.
 - :func:`check_initial_weights`: ``MODEL.pretrained_backbone`` is the one key for "start from these
   weights"; ``MODEL.WEIGHTS`` and ``student.pretrained_weights`` stay in the defaults (empty, as in
   the reference's resolved config) and are refused when set.
@@ -67,3 +71,17 @@ def check_config(cfg: Any) -> None:
     if "evaluation" in cfg:
         check_sem(temp=cfg.evaluation.sem_temp, temp_key="evaluation.sem_temp")
     check_initial_weights(cfg)
+
+
+def check_training_config(cfg: Any) -> None:
+    """Raise :class:`ConfigError` naming the key of the first setting a pretraining cannot start with."""
+    student = cfg.student
+    check_sem(student.L, student.V, student.temp, arch=str(student.arch))
+    for key in ("batch_size_per_gpu", "OFFICIAL_EPOCH_LENGTH"):
+        if int(cfg.train[key]) < 1:
+            raise ConfigError(f"train.{key}={cfg.train[key]}: must be >= 1")
+    limit = cfg.train.get("param_abs_limit", 1.0)
+    if not float(limit) > 0:
+        raise ConfigError(
+            f"train.param_abs_limit={limit}: must be > 0 (the largest |weight| a trusted checkpoint holds)"
+        )

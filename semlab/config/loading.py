@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from semlab.utils.atomic import atomic_write_text
+from semlab.utils.redact import redact_tree
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULTS_NAME = "ssl_default"
@@ -83,6 +84,26 @@ def _check_known_keys(candidate: DictConfig | dict, defaults: DictConfig, source
         raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
 
 
+def _check_value_types(cfg: DictConfig, defaults: DictConfig) -> None:
+    """A key whose default is a number or a bool must not hold text (``student.L=abc``); interpolations
+    are left alone."""
+    for key in _flat_keys(defaults):
+        default = OmegaConf.select(defaults, key)
+        if default is None or isinstance(default, DictConfig | ListConfig | str):
+            continue
+        section, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(cfg, section) if section else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            continue
+        if OmegaConf.is_interpolation(parent, leaf):
+            continue  # an interpolation (${oc.env:...}) is checked where it is resolved
+        value = parent[leaf]
+        if isinstance(value, str):
+            kind = "true or false" if isinstance(default, bool) else (
+                "an integer" if isinstance(default, int) else "a number")
+            raise ConfigError(f"{key}={value!r}: expected {kind} (default {default})")
+
+
 def _parse_dotlist(overrides: Iterable[str]) -> DictConfig:
     items = list(overrides)
     for item in items:
@@ -125,6 +146,7 @@ def load_config(
     layers.append(dotlist)
     cfg = OmegaConf.merge(*layers)
     assert isinstance(cfg, DictConfig)
+    _check_value_types(cfg, base)
     OmegaConf.set_struct(cfg, True)
     from semlab.config.checks import check_config
 
@@ -178,6 +200,12 @@ def config_to_flat_dict(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def config_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML with credentials redacted (:mod:`semlab.utils.redact`): the only
+    form in which a config is written to disk or MLflow. Secrets stay in the process's config."""
+    return OmegaConf.to_yaml(OmegaConf.create(redact_tree(OmegaConf.to_container(cfg, resolve=True))))
+
+
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML, atomically (temp file + rename)."""
-    return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    """Write the resolved, credential-free config (:func:`config_yaml`) atomically (temp + rename)."""
+    return atomic_write_text(path, config_yaml(cfg))

@@ -74,12 +74,16 @@ def ray_overrides(args: argparse.Namespace, cfg: DictConfig) -> list[str]:
 
 
 def load_run_config(args: argparse.Namespace) -> DictConfig:
-    """Defaults <- recipe <- overrides <- worker flags."""
+    """Defaults <- recipe <- overrides <- worker flags, checked as a pretraining needs them
+    (``check_training_config``) before anything starts."""
     from semlab.config import load_config
+    from semlab.config.checks import check_training_config
 
     cfg = load_config(args.config_file, list(args.overrides))
     extra = ray_overrides(args, cfg)
-    return load_config(args.config_file, [*args.overrides, *extra]) if extra else cfg
+    cfg = load_config(args.config_file, [*args.overrides, *extra]) if extra else cfg
+    check_training_config(cfg)
+    return cfg
 
 
 def _print_summary(output_dir: Path, iteration: int | None, seconds: float) -> None:
@@ -104,7 +108,12 @@ def run_local(cfg: DictConfig, output_dir: Path, resume: bool, recipe: str | Non
         from semlab.tracking import MLflowReporter
 
         reporter = MLflowReporter(cfg, output_dir, recipe=recipe, resume=resume)
-    return run_pretraining(cfg, output_dir, resume, reporter, evaluate=FinalKnn(cfg, output_dir))
+    try:
+        return run_pretraining(cfg, output_dir, resume, reporter, evaluate=FinalKnn(cfg, output_dir))
+    except BaseException:  # NaN, disk full, Ctrl-C...: the MLflow run ends FAILED, not RUNNING
+        if reporter is not None:
+            reporter.close("FAILED")
+        raise
 
 
 def latest_eval_checkpoint(output_dir: Path) -> Path | None:
@@ -193,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, train, print a summary; returns the process exit code."""
     from semlab.config import ConfigError
     from semlab.orchestration.cluster import ClusterError, wants_ray
+    from semlab.train.checkpointing import CheckpointWriteError
+    from semlab.train.health import DivergedModelError
+    from semlab.train.loop import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -208,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     resume = not args.no_resume
     start = time.perf_counter()
     if args.local or not wants_ray(cfg):
-        summary = run_local(cfg, output_dir, resume, args.config_file)
+        try:
+            summary = run_local(cfg, output_dir, resume, args.config_file)
+        except (NonFiniteLossError, DivergedModelError, CheckpointWriteError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         _print_summary(output_dir, summary.get("iteration"), time.perf_counter() - start)
         evaluate_final_teacher(cfg, output_dir, args.config_file)
         return 0

@@ -191,9 +191,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         inner = MLflowReporter(cfg, output_dir, recipe=config.get("recipe"), resume=resume, rank=0)
     reporter = RayTrainReporter(rank, inner)
     evaluate = FinalKnn(cfg, output_dir) if config.get("knn", True) and knn_datasets(cfg) else None
-    summary = run_pretraining(
-        cfg, output_dir, resume, reporter, data=factory, evaluate=evaluate, device=device
-    )
+    try:
+        summary = run_pretraining(
+            cfg, output_dir, resume, reporter, data=factory, evaluate=evaluate, device=device
+        )
+    except BaseException:  # the MLflow run ends FAILED (Ray may retry: the retry resumes the run)
+        if inner is not None:
+            inner.close("FAILED")
+        raise
     reporter.close()
     final = {"iteration": int(summary["iteration"]), "done": 1, **summary.get("final_metrics", {})}
     reporter.report_final(final)

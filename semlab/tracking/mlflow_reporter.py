@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from semlab.tracking.runs import RunLogger, git_commit
+from semlab.tracking.runs import LAST_CHECKPOINT_TAG, RunLogger, git_commit
 from semlab.tracking.sanitize import scrub_value
 from semlab.tracking.store import (
     TrackingTarget,
@@ -111,6 +111,7 @@ class MLflowReporter(Reporter):
         self.resumed = False
         self.closed = False
         self.eval_checkpoints: dict[int, str] = {}
+        self._logged_through = -1  # a resumed run already holds training metrics up to this step
         self._last_flush = time.monotonic()
         if not self.active:
             return
@@ -118,9 +119,12 @@ class MLflowReporter(Reporter):
         self.target = resolve_tracking(cfg, self.output_dir, timeout=check_timeout_s)
         name = run_name or cfg.mlflow.run_name or self.output_dir.resolve().name
         tags = run_tags(cfg, recipe, self.output_dir)
+        from semlab.config import config_to_flat_dict
+
+        params = config_to_flat_dict(cfg)
         try:
             self.run, self.resumed = RunLogger.open(
-                self.target, cfg.mlflow.experiment_name, self.output_dir, name, tags, resume
+                self.target, cfg.mlflow.experiment_name, self.output_dir, name, tags, resume, params
             )
         except Exception as exc:  # answered /health but failed to create the run: still never stop training
             if self.target.is_fallback:
@@ -133,8 +137,9 @@ class MLflowReporter(Reporter):
             self.target = TrackingTarget(uri=uri, artifact_location=artifacts, source="fallback",
                                          intended_uri=self.target.uri, reason=repr(exc))
             self.run, self.resumed = RunLogger.open(
-                self.target, cfg.mlflow.experiment_name, self.output_dir, name, tags, resume
+                self.target, cfg.mlflow.experiment_name, self.output_dir, name, tags, resume, params
             )
+        self._logged_through = self.run.last_logged_step(_STEP_METRIC) if self.resumed else -1
         self._log_config()
         atexit.register(self._at_exit)
 
@@ -151,6 +156,8 @@ class MLflowReporter(Reporter):
     def on_metrics(self, iteration: int, metrics: dict[str, float]) -> None:
         if self.run is None:
             return
+        if iteration <= self._logged_through and not self.closed:
+            return  # logged before a crash, recomputed identically after the resume: keep one value
         self.run.add_metrics(iteration, {k: v for k, v in metrics.items() if k not in _NOT_METRICS})
         if self.closed:  # e.g. the final k-NN, reported after on_end: send now, keep what fails
             self.flush()
@@ -165,7 +172,7 @@ class MLflowReporter(Reporter):
             return
         self.flush()
         self.run.set_tags({
-            "semlab.last_checkpoint": Path(path).resolve().as_uri(),
+            LAST_CHECKPOINT_TAG: Path(path).resolve().as_uri(),
             "semlab.last_checkpoint_iteration": int(iteration),
         })
 
@@ -261,9 +268,7 @@ class MLflowReporter(Reporter):
             self.run.dump_unsent()
 
     def _log_config(self) -> None:
-        from omegaconf import OmegaConf
-
-        from semlab.config import config_to_flat_dict
+        from semlab.config import config_to_flat_dict, config_yaml
         from semlab.utils.atomic import atomic_write_text
 
         assert self.run is not None
@@ -275,11 +280,12 @@ class MLflowReporter(Reporter):
             )
             self.run.set_tags({"semlab.changed_params_on_resume": ",".join(changed)})
         with tempfile.TemporaryDirectory(prefix="semlab_mlflow_") as tmp:
-            text = scrub_value(OmegaConf.to_yaml(self.cfg, resolve=True))
+            text = config_yaml(self.cfg)  # credential-named keys and URI secrets redacted
             self.run.log_artifact(atomic_write_text(Path(tmp) / "config.yaml", text))
 
 
 _NOT_METRICS = frozenset({"iteration", "step"})
+_STEP_METRIC = "lr"  # in every training metrics line (losses vary by config, the schedule does not)
 
 
 def _is_number(value: Any) -> bool:

@@ -29,6 +29,7 @@ RUN_RECORD = "mlflow_run.json"
 UNSENT_METRICS = "mlflow_unsent.jsonl"
 PARENT_TAG = "mlflow.parentRunId"
 PRETRAIN_TAG = "semlab.pretrain_run_id"
+LAST_CHECKPOINT_TAG = "semlab.last_checkpoint"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch
 _PARAM_BATCH = 100  # MLflow's limit of params/tags per log_batch
 
@@ -96,9 +97,14 @@ class RunLogger:
         run_name: str | None = None,
         tags: Mapping[str, Any] | None = None,
         resume: bool = True,
+        params: Mapping[str, Any] | None = None,
     ) -> tuple[RunLogger, bool]:
         """Continue the run recorded in ``output_dir/mlflow_run.json`` (same store) or create one.
 
+        A recorded run that never reached a checkpoint (no ``semlab.last_checkpoint`` tag: e.g. a
+        start that failed on a bad value) is not continued when ``params`` differ from its logged
+        params: the rerun trains from scratch with other settings, so it gets a new run (tagged
+        ``semlab.previous_run_id``) whose params are the ones it trains with.
         Returns ``(logger, resumed)`` and (re)writes the run record atomically.
         """
         from mlflow import MlflowClient
@@ -109,7 +115,11 @@ class RunLogger:
         run_id, resumed = None, False
         if record is not None:
             same_store = record.get("tracking_uri") == redact_uri(target.uri)
-            if same_store and _run_exists(client, record["run_id"]):
+            if same_store and _run_exists(client, record["run_id"]) and params is not None and \
+                    _restarts_with_other_params(client, record["run_id"], params):
+                logger.warning("the MLflow run %s never reached a checkpoint and this run's params differ; "
+                               "starting a new run", record["run_id"])
+            elif same_store and _run_exists(client, record["run_id"]):
                 run_id, resumed = record["run_id"], True
                 client.update_run(run_id, status="RUNNING")
                 logger.info("continuing MLflow run %s in %s", run_id, redact_uri(target.uri))
@@ -174,6 +184,11 @@ class RunLogger:
         values = numeric_metrics(metrics)
         self._pending.extend(Metric(k, v, ts, int(step)) for k, v in values.items())
         return len(values)
+
+    def last_logged_step(self, key: str) -> int:
+        """The largest step of metric ``key`` on the run (-1: none, or the store failed)."""
+        history = self._safe(lambda: self.client.get_metric_history(self.run_id, key)) or []
+        return max((int(m.step) for m in history), default=-1)
 
     @property
     def pending(self) -> int:
@@ -322,6 +337,15 @@ def _run_exists(client: Any, run_id: str) -> bool:
     except Exception:
         return False
     return run.info.lifecycle_stage == "active"
+
+
+def _restarts_with_other_params(client: Any, run_id: str, params: Mapping[str, Any]) -> bool:
+    """True when run ``run_id`` has no checkpoint tag and a logged param differs from ``params``."""
+    run = client.get_run(run_id)
+    if run.data.tags.get(LAST_CHECKPOINT_TAG):
+        return False
+    clean = sanitize_params(params)
+    return any(k in clean and clean[k] != v for k, v in run.data.params.items())
 
 
 def metric_key(name: str) -> str:

@@ -2,7 +2,9 @@
 
 - A key that names a credential (``password``, ``token``, ``secret``, ``api_key``...; whole words,
   so ``student.num_register_tokens`` is kept) is dropped.
-- User info in any URI inside a value (``https://user:pw@host``) becomes ``***@``.
+- User info in any URI inside a value (``https://user:pw@host``) becomes ``***@``, and so does the
+  value of a credential-named query parameter (``?sig=``, ``X-Amz-Signature=``, ``token=``);
+  the rule is :mod:`semlab.utils.redact`, shared with the config files a run writes.
 - Values longer than MLflow's limit (6000 characters for params, 8000 for tags) are cut and
   end with ``...[truncated N chars]`` so a reader sees that they were cut.
 - Metric names keep MLflow's allowed characters (letters, digits, ``_ - . / : space``).
@@ -15,24 +17,22 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from semlab.tracking.store import SECRET_KEY_RE
+from semlab.utils.redact import is_secret_key, redact_text
 
 MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 
-_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^/@\s]+)@")
 _BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-./: ]")
 
 
-def is_secret_key(key: str) -> bool:
-    """True when a (dotted) key names a credential."""
-    return bool(SECRET_KEY_RE.search(key))
+__all__ = ["is_secret_key", "scrub_value", "sanitize_params", "sanitize_tags", "metric_name",
+           "numeric_metrics", "truncate", "safe_key"]
 
 
 def scrub_value(value: str) -> str:
-    """Replace the user info of every URI in ``value`` with ``***``."""
-    return _URI_USERINFO.sub(r"\1***@", value)
+    """``value`` without credentials: URI user info and credential-named query values become ``***``."""
+    return redact_text(value)
 
 
 def truncate(value: str, limit: int) -> str:

@@ -18,16 +18,18 @@ does not answer, semlab warns and logs to a fallback SQLite store inside the run
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
+
+from semlab.utils.redact import SECRET_KEY_RE, redact_text  # noqa: F401 (SECRET_KEY_RE re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -72,30 +74,7 @@ def redact_uri(uri: str) -> str:
 
     A URI with neither is returned unchanged (``sqlite:////abs/path.db`` keeps its slashes).
     """
-    try:
-        parts = urllib.parse.urlsplit(uri)
-    except ValueError:
-        return uri
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if parts.query else []
-    secret_query = any(SECRET_KEY_RE.search(k) for k, _ in pairs)
-    if "@" not in parts.netloc and not secret_query:
-        return uri
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if secret_query:
-        redacted = [(k, "***" if SECRET_KEY_RE.search(k) else v) for k, v in pairs]
-        query = urllib.parse.urlencode(redacted, safe="*")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-SECRET_KEY_RE = re.compile(
-    r"(?:^|[^a-z])(password|passwd|pwd|token|secret|credentials?|api[_-]?key|access[_-]?key|"
-    r"secret[_-]?key|private[_-]?key|auth[_-]?token|sas[_-]?token|signature|sig)(?:[^a-z]|$)",
-    re.IGNORECASE,
-)
-"""A key naming a credential: whole words only (``num_register_tokens`` is not one, ``hf_token`` is)."""
+    return redact_text(uri)
 
 
 def default_store(output_dir: str | os.PathLike) -> tuple[str, str]:
@@ -140,9 +119,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> tuple[bool, str]:
     """
     scheme = urllib.parse.urlsplit(uri).scheme.lower()
     if scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
+        url, request = _health_request(uri)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
+            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (http(s) only)
                 if resp.status == 200:
                     return True, "ok"
                 return False, f"GET {redact_uri(url)} answered HTTP {resp.status}"
@@ -160,6 +139,24 @@ def check_reachable(uri: str, timeout: float = 5.0) -> tuple[bool, str]:
         path = urllib.parse.urlsplit(uri).path if scheme == "file" else uri
         return _writable_dir(Path(urllib.parse.unquote(path)))
     return True, "not checked"
+
+
+def _health_request(uri: str) -> tuple[str, urllib.request.Request]:
+    """``GET <server>/health`` for a tracking URI: user info (``user:pw@``) becomes a Basic auth header
+    (urllib cannot connect to a host written with it), the query string is not part of the path."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(url, method="GET")
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return url, request
 
 
 def _writable_dir(folder: Path) -> tuple[bool, str]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,28 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 class CheckpointLoadError(RuntimeError):
     """A checkpoint file cannot be read or lacks what a semlab checkpoint holds."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); older ones are intact."""
+
+
+def _write(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically; a failure (torch reports a full disk as 'unexpected pos') becomes a
+    :class:`CheckpointWriteError` that says where, why and how much space is left."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except Exception as exc:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path} ({type(exc).__name__}: {exc}; {free}). The disk may be full: "
+            "free space (or move --output-dir) and rerun; the run resumes from the last complete checkpoint, "
+            "which is untouched."
+        ) from exc
 
 
 # --------------------------------------------------------------------------- paths
@@ -178,8 +201,7 @@ def save_checkpoint(
                 "world_size": distributed.get_world_size(),
             },
         }
-        with atomic_path(path) as tmp:
-            torch.save(ckpt, tmp)
+        _write(ckpt, path)
         atomic_write_text(checkpoint_dir(output_dir) / POINTER, path.name + "\n")
         _prune(Path(output_dir), int(cfg.train.max_to_keep), keep=path)
     distributed.barrier()
@@ -201,8 +223,7 @@ def save_eval_checkpoint(model: nn.Module, iteration: int, output_dir: str | Pat
     state = teacher_state_dict(model)
     path = eval_checkpoint_path(output_dir, iteration)
     if distributed.is_main_process():
-        with atomic_path(path) as tmp:
-            torch.save({"teacher": state}, tmp)
+        _write({"teacher": state}, path)
         save_config(cfg, path.parent / "config.yaml")
     distributed.barrier()
     return path
@@ -226,12 +247,29 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest loadable full checkpoint, starting from the one ``last_checkpoint`` names.
+def remove_partial_files(output_dir: str | Path) -> list[Path]:
+    """Delete the temp files (``.model_*.tmp``, ``.teacher_checkpoint.pth.*.tmp``) a killed writer left
+    under ``checkpoints/`` and ``eval/``; they are never complete. Returns what was removed. Call it
+    only when no writer runs (at the start of a run)."""
+    out = Path(output_dir)
+    partial = [*checkpoint_dir(out).glob(".*.tmp"), *out.glob("eval/training_*/.*.tmp")]
+    for path in partial:
+        path.unlink(missing_ok=True)
+        logger.info("removed partial file %s left by an interrupted write", path)
+    return partial
 
-    Unreadable candidates are skipped with a warning (falling back to older checkpoints); returns
-    None when there is nothing to resume from.
+
+def find_resume_checkpoint(
+    output_dir: str | Path, param_abs_limit: float = float("inf")
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable, healthy full checkpoint, starting from the one ``last_checkpoint`` names.
+
+    Unreadable candidates, and those whose student/teacher weights are non-finite or exceed
+    ``param_abs_limit`` (:mod:`semlab.train.health`), are skipped with a warning (falling back to
+    older checkpoints); returns None when there is nothing to resume from.
     """
+    from semlab.train.health import state_problem
+
     found = list_checkpoints(output_dir)
     candidates = [p for _, p in reversed(found)]
     pointer = checkpoint_dir(output_dir) / POINTER
@@ -243,6 +281,9 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict[str, Any]
     for i, path in enumerate(candidates):
         try:
             ckpt = load_checkpoint_file(path)
+            problem = state_problem(ckpt["model"], param_abs_limit)
+            if problem is not None:
+                raise CheckpointLoadError(f"diverged weights: {problem}")
         except CheckpointLoadError as exc:
             nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
             msg = f"skipping checkpoint {path}: {exc}; " + (

@@ -15,8 +15,10 @@ For ``it`` in ``[start, max_iter)``, with ``max_iter = optim.epochs * OFFICIAL_E
 The loop takes a data iterator (or a factory ``start_iter -> iterator``, so that a resumed run
 continues the data stream where the checkpoint left it) and a ``Reporter``; it knows nothing of
 Ray or MLflow. Gradient synchronisation is the job of the caller's parallelisation (FSDP2/DDP).
-A non-finite loss stops the run *before* the optimizer step, so no checkpoint is ever written
-from a diverged model and the last good checkpoint stays the resume point.
+A non-finite loss stops the run *before* the optimizer step, and before any checkpoint the student
+and teacher parameters must be finite and within ``train.param_abs_limit``
+(:mod:`semlab.train.health`; else ``DivergedModelError``), so no checkpoint is ever written from a
+diverged model and the last good checkpoint stays the resume point.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from tqdm import tqdm
 from semlab.config import apply_scaling_rules
 from semlab.train.checkpointing import (
     find_resume_checkpoint,
+    remove_partial_files,
     restore_checkpoint,
     save_checkpoint,
     save_eval_checkpoint,
     set_rng_state,
 )
+from semlab.train.health import DivergedModelError, model_problem, param_limit
 from semlab.train.param_groups import apply_optim_schedule, build_optimizer
 from semlab.train.reporting import Reporter
 from semlab.train.schedules import build_schedules
@@ -205,12 +209,17 @@ def is_due(iteration: int, period: int) -> bool:
 
 
 def resume_point(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: Path, resume: bool
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: Path, resume: bool,
+    param_abs_limit: float = math.inf,
 ) -> tuple[int, dict[str, Any] | None, Path | None]:
-    """(first iteration, RNG state to restore, checkpoint path) of the last checkpoint of
-    ``output_dir`` when resuming and there is one; else ``(0, None, None)``: the model keeps the
-    weights it was built with (``MODEL.pretrained_backbone``, loaded by ``SSLMetaArch``)."""
-    found = find_resume_checkpoint(output_dir) if resume else None
+    """(first iteration, RNG state to restore, checkpoint path) of the newest healthy checkpoint of
+    ``output_dir`` (weights finite and within ``param_abs_limit``) when resuming and there is one;
+    else ``(0, None, None)``: the model keeps the weights it was built with
+    (``MODEL.pretrained_backbone``, loaded by ``SSLMetaArch``). Partial files that a killed writer
+    left in ``checkpoints/`` are removed first (rank 0)."""
+    if resume and distributed.is_main_process():
+        remove_partial_files(output_dir)
+    found = find_resume_checkpoint(output_dir, param_abs_limit) if resume else None
     if found is None:
         return 0, None, None
     last_ckpt, ckpt = found
@@ -254,8 +263,9 @@ def do_train(
     eval_period = int(cfg.evaluation.eval_period_iterations)
     log_period = max(int(cfg.train.log_period_iterations), 1)
     clip = float(cfg.optim.clip_grad or 0.0)
+    limit = param_limit(cfg)
 
-    start, rng_state, last_ckpt = resume_point(model, optimizer, output_dir, resume)
+    start, rng_state, last_ckpt = resume_point(model, optimizer, output_dir, resume, limit)
     start = int(start_iteration) if start_iteration is not None else start
     model.train()
     batches: Iterator[dict[str, Any]] = data_iter(start) if callable(data_iter) else data_iter
@@ -287,6 +297,10 @@ def do_train(
                 metrics_log.append(record)
                 reporter.on_metrics(it, record)
                 bar.set_postfix(loss=f"{losses['total']:.3f}", lr=f"{sched['lr']:.2e}")
+            if is_due(it, eval_period) or is_due(it, ckpt_period) or it == max_iter - 1:
+                problem = model_problem(model, limit)  # a checkpoint is written only of a healthy model
+                if problem is not None:
+                    raise DivergedModelError(it, problem, last_ckpt)
             if is_due(it, eval_period):
                 eval_paths.append(str(save_eval_checkpoint(model, it, output_dir, cfg)))
                 reporter.on_eval_checkpoint(it, Path(eval_paths[-1]))

@@ -50,6 +50,9 @@ def seed_everything(seed: int) -> None:
 def prepare_run(cfg: DictConfig, output_dir: Path) -> None:
     """Output dir, ``train.output_dir``, lr scaling for the global batch, ``config.yaml`` (rank 0),
     ``train.num_threads`` (else torch's default, e.g. Ray's OMP_NUM_THREADS), seeds."""
+    from semlab.config.checks import check_training_config
+
+    check_training_config(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     cfg.train.output_dir = str(output_dir)
     apply_scaling_rules(cfg, distributed.get_world_size())

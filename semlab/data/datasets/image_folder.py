@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
+logger = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -120,18 +122,33 @@ def _is_image_file(name: str) -> bool:
 
 def scan_class_folders(root: Path) -> tuple[list[str], list[str], np.ndarray]:
     """``(classes, relative image paths, labels)`` of ``root/<class>/**/<image>``: classes are the sorted
-    sub-folder names (hidden ones skipped); images are found recursively in sorted order."""
+    sub-folder names (hidden ones skipped); images are found recursively in sorted order.
+
+    Symlinked folders are followed, each real folder once: a link back to the root, to a class folder or
+    to a folder already walked (a loop) is skipped with a warning, so no image is counted twice or
+    takes another class's label."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     relpaths: list[str] = []
     labels: list[int] = []
+    seen = {os.path.realpath(root)} | {os.path.realpath(root / name) for name in classes}
     for index, name in enumerate(classes):
-        for dirpath, dirnames, filenames in sorted(os.walk(root / name, followlinks=True)):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found: list[tuple[str, str]] = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):  # top-down: pruning works
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if real in seen:
+                    logger.warning("not following %s: its folder %s is already scanned (symlink loop or "
+                                   "link to another class)", os.path.join(dirpath, d), real)
+                    continue
+                seen.add(real)
+                keep.append(d)
+            dirnames[:] = keep
             rel = os.path.relpath(dirpath, root)
-            for fname in sorted(filenames):
-                if _is_image_file(fname):
-                    relpaths.append(os.path.join(rel, fname))
-                    labels.append(index)
+            found += [(rel, fname) for fname in filenames if _is_image_file(fname)]
+        for rel, fname in sorted(found):
+            relpaths.append(os.path.join(rel, fname))
+            labels.append(index)
     return classes, relpaths, np.asarray(labels, dtype=np.int64)
 
 

@@ -14,20 +14,24 @@ global position of its first sample), so batches are reproducible whatever the n
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semlab.data.datasets.factory import make_dataset
-from semlab.data.datasets.image_folder import CorruptImageError, DatasetError
+from semlab.data.datasets.image_folder import CorruptImageError
 from semlab.data.pipeline.augment import DataAugmentationDINO, make_augmentation
 from semlab.data.pipeline.collate import collate_data_and_cast
 from semlab.data.pipeline.masking import MaskingGenerator
 
 SampleKey = tuple[int, int, int]  # (dataset index, epoch, global position)
+logger = logging.getLogger(__name__)
 MASK_STREAM = 0x6D61736B  # tags the mask generators' seeds apart from the (seed, epoch, index) crop seeds
 
 
@@ -67,32 +71,66 @@ class EpochShuffleSampler(Sampler[SampleKey]):
 
 
 class AugmentedSamples(Dataset):
-    """``dataset[key] -> (augmented crops dict, label, index, global position)`` from the encoded bytes."""
+    """``dataset[key] -> (augmented crops dict, label, index, global position)`` from the encoded bytes.
 
-    def __init__(self, dataset: Any, augmentation: DataAugmentationDINO, seed: int) -> None:
+    An unreadable image (missing, empty, truncated, not an image, over ``max_image_pixels``) is logged
+    with its file name, counted and replaced by the next readable sample (``index + 1``, ``+ 2``...; the
+    same replacement on every run, so resume stays exact). When more than ``max_bad_fraction`` of the
+    dataset turned out unreadable in this process, a ``DatasetError`` stops the run, naming the files.
+    """
+
+    def __init__(self, dataset: Any, augmentation: DataAugmentationDINO, seed: int,
+                 max_bad_fraction: float = 0.0, max_image_pixels: int | None = None) -> None:
         self.dataset = dataset
         self.augmentation = augmentation
         self.seed = int(seed)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.max_image_pixels = max_image_pixels
+        self.bad: dict[int, str] = {}  # index -> error, in this process
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: SampleKey) -> tuple[dict[str, list[torch.Tensor]], int, int, int]:
-        index, epoch, position = key
+    def _where(self, index: int) -> str:
+        path = getattr(self.dataset, "path", None)
+        return str(path(index)) if callable(path) else f"sample {index} of {self.dataset!r}"
+
+    def _crops(self, index: int, epoch: int) -> tuple[dict[str, list[torch.Tensor]], int]:
         data, label = self.dataset.get_encoded(index)
         rng = np.random.default_rng([self.seed, epoch, index])
-        try:
-            crops = self.augmentation(data, rng=rng)
-        except (OSError, SyntaxError, ValueError) as exc:
-            if isinstance(exc, DatasetError):
-                raise
-            path = getattr(self.dataset, "path", None)
-            where = path(index) if callable(path) else f"sample {index}"
+        with warnings.catch_warnings():  # between 1x and 2x the pixel limit PIL only warns: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return self.augmentation(data, rng=rng), int(label)
+
+    def _note_bad(self, index: int, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if index not in self.bad:
+            self.bad[index] = reason
+            logger.warning("skipping unreadable image %s (sample %d): %s", self._where(index), index, reason)
+        allowed = self.max_bad_fraction * len(self.dataset)
+        if len(self.bad) > allowed:
+            names = "; ".join(f"{self._where(i)} ({e})" for i, e in list(self.bad.items())[:5])
             raise CorruptImageError(
-                f"cannot decode image {where} (sample {index} of {self.dataset!r}): "
-                f"{exc.__class__.__name__}: {exc}. Replace or remove the file."
+                f"{len(self.bad)} of {len(self.dataset)} images are unreadable, more than "
+                f"data.max_bad_image_fraction={self.max_bad_fraction:g} allows: {names}. Replace or remove "
+                "them (or raise data.max_bad_image_fraction)."
             ) from exc
-        return crops, int(label), int(index), int(position)
+
+    def __getitem__(self, key: SampleKey) -> tuple[dict[str, list[torch.Tensor]], int, int, int]:
+        index, epoch, position = key
+        if self.max_image_pixels is not None:  # per process: DataLoader workers may be spawned
+            Image.MAX_IMAGE_PIXELS = int(self.max_image_pixels) or None
+        n = len(self.dataset)
+        for step in range(n):
+            candidate = (index + step) % n
+            try:
+                crops, label = self._crops(candidate, epoch)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as exc:
+                self._note_bad(candidate, exc)  # raises once too many are bad
+                continue
+            return crops, label, int(index), int(position)
+        raise CorruptImageError(f"no readable image in {self.dataset!r}")
 
 
 class MaskedCollate:
@@ -189,7 +227,12 @@ def make_local_data_iterator(
     if start_iter < 0:
         raise ValueError(f"start_iter must be >= 0, got {start_iter}")
     dataset = make_dataset(cfg.train.dataset_path)
-    samples = AugmentedSamples(dataset, make_augmentation(cfg), seed)
+    data_cfg = cfg.get("data", None) or {}
+    samples = AugmentedSamples(
+        dataset, make_augmentation(cfg), seed,
+        max_bad_fraction=float(data_cfg.get("max_bad_image_fraction", 0.0)),  # absent: stop at the first
+        max_image_pixels=data_cfg.get("max_image_pixels", None),
+    )
     mask_generator, n_tokens = make_masking(cfg)
     ratio = tuple(float(v) for v in cfg.ibot.mask_ratio_min_max)
     collate = MaskedCollate(
