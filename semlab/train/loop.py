@@ -10,7 +10,7 @@ For ``it`` in ``[start, max_iter)``, with ``max_iter = optim.epochs * OFFICIAL_E
     clip_grad_norm_(each student module, optim.clip_grad); optimizer.step()
     model.update_teacher(mom)
     (it + 1) % eval_period == 0     -> eval/training_<it>/teacher_checkpoint.pth
-    (it + 1) % checkpoint_period == 0 or it == max_iter - 1 -> checkpoints/model_<it>.pth
+    (it + 1) % checkpoint_period == 0 or it == max_iter - 1 -> checkpoints/model_<it>/ (sharded)
 
 The loop takes a data iterator (or a factory ``start_iter -> iterator``, so that a resumed run
 continues the data stream where the checkpoint left it) and a ``Reporter``; it knows nothing of
@@ -38,12 +38,14 @@ from tqdm import tqdm
 from semlab.config import apply_scaling_rules
 from semlab.train.checkpointing import (
     find_resume_checkpoint,
+    load_checkpoint_file,
     restore_checkpoint,
     save_checkpoint,
     save_eval_checkpoint,
     set_rng_state,
 )
 from semlab.train.param_groups import apply_optim_schedule, build_optimizer
+from semlab.train.progress import eta_seconds, log_progress
 from semlab.train.reporting import Reporter
 from semlab.train.schedules import build_schedules
 from semlab.utils import distributed
@@ -175,16 +177,18 @@ class ThroughputWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.images, self.time_s, self.data_time_s = 0, 0.0, 0.0
+        self.images, self.time_s, self.data_time_s, self.iterations = 0, 0.0, 0.0, 0
 
     def add(self, images: int, step_s: float, data_s: float) -> None:
+        self.iterations += 1
         self.images += images
         self.time_s += step_s
         self.data_time_s += data_s
 
-    def record(self, iteration: int, losses: dict[str, float], sched: dict[str, float], grad_norm: float
-               ) -> dict[str, Any]:
-        """The metrics line of ``iteration`` (losses, schedule values, speed); starts a new window."""
+    def record(self, iteration: int, losses: dict[str, float], sched: dict[str, float], grad_norm: float,
+               max_iter: int = 0) -> dict[str, Any]:
+        """The metrics line of ``iteration`` (losses, schedule values, speed, ETA to ``max_iter``);
+        starts a new window."""
         record: dict[str, Any] = {"iteration": iteration, **losses}
         record.update({key: sched[key] for key in ("lr", "wd", "mom", "teacher_temp", "last_layer_lr")})
         record.update(
@@ -193,6 +197,8 @@ class ThroughputWindow:
                 "images_per_s": self.images / max(self.time_s, 1e-9),
                 "data_time_s": self.data_time_s,
                 "window_time_s": self.time_s,
+                "window_iterations": self.iterations,
+                "eta_s": eta_seconds(iteration, max_iter, self.time_s, self.iterations),
             }
         )
         self.reset()
@@ -205,18 +211,27 @@ def is_due(iteration: int, period: int) -> bool:
 
 
 def resume_point(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: Path, resume: bool
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    output_dir: Path,
+    resume: bool,
+    resume_from: str | Path | None = None,
 ) -> tuple[int, dict[str, Any] | None, Path | None]:
-    """(first iteration, RNG state to restore, checkpoint path) of the last checkpoint of
-    ``output_dir`` when resuming and there is one; else ``(0, None, None)``: the model keeps the
-    weights it was built with (``MODEL.pretrained_backbone``, loaded by ``SSLMetaArch``)."""
-    found = find_resume_checkpoint(output_dir) if resume else None
+    """(first iteration, RNG state to restore, checkpoint folder) of the checkpoint to resume from:
+    ``resume_from`` when given (e.g. the checkpoint Ray Train hands a restarted worker), else the
+    last complete checkpoint of ``output_dir`` when ``resume``; else ``(0, None, None)``: the model
+    keeps the weights it was built with (``MODEL.pretrained_backbone``, loaded by ``SSLMetaArch``)."""
+    if resume_from is not None:
+        found = (Path(resume_from), load_checkpoint_file(resume_from))
+    else:
+        found = find_resume_checkpoint(output_dir) if resume else None
     if found is None:
         return 0, None, None
-    last_ckpt, ckpt = found
-    start = restore_checkpoint(model, optimizer, ckpt, restore_rng=False) + 1
-    logger.info("resumed from %s: starting at iteration %d", last_ckpt, start)
-    return start, ckpt["rng"], last_ckpt
+    last_ckpt, state = found
+    start = restore_checkpoint(model, optimizer, last_ckpt, state, restore_rng=False) + 1
+    logger.info("resumed from %s (saved by %s ranks): starting at iteration %d",
+                last_ckpt, state["data"].get("world_size", "?"), start)
+    return start, state["rng"], last_ckpt
 
 
 def _show_progress() -> bool:
@@ -231,6 +246,7 @@ def do_train(
     reporter: Reporter | None = None,
     resume: bool = True,
     start_iteration: int | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (an ``SSLMetaArch``, possibly parallelised) and return a summary dict.
 
@@ -238,7 +254,8 @@ def do_train(
     after a resume it is called with the number of batches already consumed). ``resume``: continue
     from ``<output_dir>/checkpoints/last_checkpoint`` if present (else the model's own weights).
     ``start_iteration``: force the first iteration (callers that restore state themselves);
-    default: the resumed checkpoint's iteration + 1, or 0.
+    default: the resumed checkpoint's iteration + 1, or 0. ``resume_from``: a checkpoint folder to
+    resume from instead of ``output_dir``'s own (Ray Train's restored checkpoint).
     Raises ``NonFiniteLossError`` on a NaN/inf total loss.
     """
     output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
@@ -255,7 +272,7 @@ def do_train(
     log_period = max(int(cfg.train.log_period_iterations), 1)
     clip = float(cfg.optim.clip_grad or 0.0)
 
-    start, rng_state, last_ckpt = resume_point(model, optimizer, output_dir, resume)
+    start, rng_state, last_ckpt = resume_point(model, optimizer, output_dir, resume, resume_from)
     start = int(start_iteration) if start_iteration is not None else start
     model.train()
     batches: Iterator[dict[str, Any]] = data_iter(start) if callable(data_iter) else data_iter
@@ -282,10 +299,12 @@ def do_train(
             images = int(batch["collated_global_crops"].shape[0] // 2) * world
             window.add(images, time.perf_counter() - t0, t_data)
             bar.update(1)
-            if is_main and (is_due(it, log_period) or it == max_iter - 1):
-                record = window.record(it, losses, sched, grad_norm)
-                metrics_log.append(record)
-                reporter.on_metrics(it, record)
+            if is_due(it, log_period) or it == max_iter - 1:
+                record = window.record(it, losses, sched, grad_norm, max_iter)
+                if is_main:
+                    metrics_log.append(record)
+                    log_progress(record, max_iter)
+                reporter.on_metrics(it, record)  # rank 0, or every rank for an all-ranks reporter
                 bar.set_postfix(loss=f"{losses['total']:.3f}", lr=f"{sched['lr']:.2e}")
             if is_due(it, eval_period):
                 eval_paths.append(str(save_eval_checkpoint(model, it, output_dir, cfg)))
