@@ -59,6 +59,10 @@ def test_teacher_checkpoint_is_a_logged_model_that_downloads_and_loads(
     assert "total" in linked and linked["total"].step == 3
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "total")}
     assert linked["total"].value == pytest.approx(history[3])
+    assert "system/cpu_percent" not in linked  # only the training metrics of that iteration
+    system = client.get_metric_history(run.info.run_id, "system/memory_used_gb")
+    assert sorted(m.step for m in system) == [0, 1, 2, 3]  # with every log period
+    assert all(m.value > 0 for m in system)
 
     # download through MLflow (the server's proxied artifact store) and load
     local = mlflow.artifacts.download_artifacts(
@@ -70,3 +74,14 @@ def test_teacher_checkpoint_is_a_logged_model_that_downloads_and_loads(
     saved = torch.load(local, weights_only=True)["teacher"]
     for key, value in backbone.state_dict().items():
         torch.testing.assert_close(value, saved[f"backbone.{key}"], msg=key)
+
+
+def test_system_metrics_sample_cpu_memory_and_process():
+    from semlab.tracking.system_metrics import SystemMetrics
+
+    sampler = SystemMetrics()
+    sum(i * i for i in range(200_000))  # some CPU time between the two samples
+    first = sampler.sample()
+    assert 0.0 <= first["system/cpu_percent"] <= 100.0
+    assert 0.0 < first["system/memory_percent"] < 100.0 and first["system/memory_used_gb"] > 0
+    assert 0.01 < first["system/process_rss_gb"] < first["system/memory_used_gb"]

@@ -5,8 +5,9 @@ What one pretraining records:
   credentials dropped and long values truncated (``semlab.tracking.sanitize``);
 - tags: ``arch``, ``L``, ``V``, ``tau``, ``recipe``, ``semlab.version``, the git commit
   (``mlflow.source.git.commit``) when available, ``semlab.output_dir``, ``cfg.mlflow.tags``;
-- metrics at each logged iteration (every loss part, lr, wd, mom, teacher_temp, images/s...),
-  batched with ``MlflowClient.log_batch``;
+- metrics at each logged iteration (every loss part, lr, wd, mom, teacher_temp, images/s, ETA...),
+  with system metrics (``system/cpu_percent``, memory, GPU memory; ``mlflow.system_metrics``,
+  ``semlab.tracking.system_metrics``), batched with ``MlflowClient.log_batch``;
 - artifacts: the resolved config (``config.yaml``), and each teacher eval checkpoint: as an MLflow 3
   LoggedModel ``teacher_training_<it>`` with the file as its artifact and the iteration's metrics
   linked (``mlflow.log_checkpoints: model``, the default; ``semlab.tracking.teacher_models``),
@@ -115,6 +116,7 @@ class MLflowReporter(Reporter):
         self.eval_checkpoints: dict[int, str] = {}
         self.teacher_models: Any = None  # TeacherModelUploader, made at the first eval checkpoint
         self._last_metrics: tuple[int, dict[str, float]] = (-1, {})
+        self.system_metrics: Any = None
         self._last_flush = time.monotonic()
         if not self.active:
             return
@@ -140,6 +142,10 @@ class MLflowReporter(Reporter):
                 self.target, cfg.mlflow.experiment_name, self.output_dir, name, tags, resume
             )
         self._log_config()
+        if bool(cfg.mlflow.get("system_metrics", True)):
+            from semlab.tracking.system_metrics import SystemMetrics
+
+            self.system_metrics = SystemMetrics()
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ properties
@@ -156,8 +162,10 @@ class MLflowReporter(Reporter):
         if self.run is None:
             return
         values = {k: v for k, v in metrics.items() if k not in _NOT_METRICS}
-        self.run.add_metrics(iteration, values)
         self._last_metrics = (int(iteration), {k: v for k, v in values.items() if _is_number(v)})
+        if self.system_metrics is not None and not self.closed:
+            values.update(self.system_metrics.sample())
+        self.run.add_metrics(iteration, values)
         if self.closed:  # e.g. the final k-NN, reported after on_end: send now, keep what fails
             self.flush()
             self.run.dump_unsent()
