@@ -131,3 +131,22 @@ def test_head_services_bound_sensibly(raw):
     assert "--port=6379" in start
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
     assert "$RAY_HEAD_IP:6379" in _commands(raw, "worker_start_ray_commands")
+
+
+def test_every_worker_type_has_storage_credentials(raw):
+    """Ray's GCP launcher gives only the head a service account: the GPU and CPU node types, which
+    read gs:// shards and upload checkpoints, must name one with the cloud-platform scope."""
+    for name, node_type in raw["available_node_types"].items():
+        if name == raw["head_node_type"]:
+            continue
+        accounts = node_type["node_config"].get("serviceAccounts")
+        assert accounts, f"node type {name} has no service account"
+        assert accounts[0]["email"].endswith(".iam.gserviceaccount.com")
+        assert "https://www.googleapis.com/auth/cloud-platform" in accounts[0]["scopes"]
+
+
+def test_mlflow_server_and_job_placement_are_documented(raw):
+    start = _commands(raw, "head_start_ray_commands")
+    assert "mlflow server" in start and "--artifacts-destination gs://" in start and "0.0.0.0" not in start
+    assert "--entrypoint-num-cpus" in CLUSTER_YAML.read_text()
+    assert "MLFLOW_TRACKING_URI=http://${RAY_HEAD_IP" in _commands(raw, "setup_commands")
