@@ -101,7 +101,7 @@ def _assert_no_corrupt_checkpoints(out: Path, storage: Path) -> None:
     from semlab.train.checkpointing import load_checkpoint_file
 
     folders = sorted((out / "checkpoints").glob("model_*"))
-    folders += sorted(storage.glob("checkpoint_*"))
+    folders += sorted(p for p in storage.glob("checkpoint_*") if p.is_dir())
     assert folders
     for path in folders:
         ckpt = load_checkpoint_file(path)  # complete DCP folder + trainer_state.pt(weights_only=True)
