@@ -3,6 +3,12 @@
     python experiments/prepare_data.py --dataset "ImageNet:root=/data/imagenet:extra=/data/imagenet-extra" \\
         --output /data/imagenet-shards --splits TRAIN VAL --workers 8
 
+On a Ray cluster (``--ray``; run it with ``ray job submit --entrypoint-num-cpus 1 -- python ...``)
+the shards are Ray Data work spread over every node's CPUs, the autoscaling CPU group included:
+
+    python experiments/prepare_data.py --ray --dataset "ImageNet:root=...:extra=..." \
+        --output gs://BUCKET/imagenet-shards --splits TRAIN VAL --workers 128
+
 Rerunning with the same arguments resumes: finished shards (checked by sha256) are kept, missing or damaged
 ones are rewritten, and the manifest is written last. See docs/data.md.
 """
@@ -43,7 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows-per-shard", type=int, default=None, help="exact rows per shard (overrides the size)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="parallel writers: processes (default 1), or with --ray the most Ray Data actors (default: "
+        "one per CPU of the cluster)",
+    )
+    parser.add_argument("--ray", action="store_true", help="run the shards as Ray Data work on a Ray cluster")
+    parser.add_argument(
+        "--address", default="auto", help="with --ray: the cluster to join ('auto'), or 'local' to start one"
+    )
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --ray: CPUs per actor")
     parser.add_argument(
         "--shuffle-seed",
         type=int,
@@ -74,16 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         ensure_imagenet_extra(args.dataset, force=True)
         return 0
     ensure_imagenet_extra(args.dataset)
-    manifest = prepare_shards(
-        args.dataset,
-        args.output,
-        splits=args.splits,
-        shard_size_mb=args.shard_size_mb,
-        workers=args.workers,
-        rows_per_shard=args.rows_per_shard,
-        shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
-        progress=not args.no_progress,
-    )
+    options = {
+        "splits": args.splits,
+        "shard_size_mb": args.shard_size_mb,
+        "rows_per_shard": args.rows_per_shard,
+        "shuffle_seed": None if args.no_shuffle else args.shuffle_seed,
+        "progress": not args.no_progress,
+    }
+    if args.ray:
+        from semlab.orchestration.shard_preparation import prepare_shards_on_ray
+
+        manifest, runner = prepare_shards_on_ray(
+            args.dataset, args.output, args.address, args.workers, args.cpus_per_worker, **options
+        )
+        logging.info("shards per Ray node: %s", dict(runner.nodes))
+    else:
+        manifest = prepare_shards(args.dataset, args.output, workers=args.workers or 1, **options)
     for split, entry in manifest["splits"].items():
         logging.info(
             "%s: %d samples in %d shards, %d skipped",

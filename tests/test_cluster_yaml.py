@@ -140,3 +140,22 @@ def test_head_gcs_requires_the_ray_auth_token(raw):
         assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.ray-auth/auth_token;" in start, section
         assert start.index("RAY_AUTH_MODE=token") < start.index("ray start"), section
     assert raw["file_mounts"].get("~/.ray-auth") == "~/.ray-auth"  # the shared token reaches every node
+
+
+def test_every_worker_type_has_storage_credentials(raw):
+    """Ray's GCP launcher gives only the head a service account: the GPU and CPU node types, which
+    read gs:// shards and upload checkpoints, must name one with the cloud-platform scope."""
+    for name, node_type in raw["available_node_types"].items():
+        if name == raw["head_node_type"]:
+            continue
+        accounts = node_type["node_config"].get("serviceAccounts")
+        assert accounts, f"node type {name} has no service account"
+        assert accounts[0]["email"].endswith(".iam.gserviceaccount.com")
+        assert "https://www.googleapis.com/auth/cloud-platform" in accounts[0]["scopes"]
+
+
+def test_mlflow_server_and_job_placement_are_documented(raw):
+    start = _commands(raw, "head_start_ray_commands")
+    assert "mlflow server" in start and "--artifacts-destination gs://" in start and "0.0.0.0" not in start
+    assert "--entrypoint-num-cpus" in CLUSTER_YAML.read_text()
+    assert "MLFLOW_TRACKING_URI=http://${RAY_HEAD_IP" in _commands(raw, "setup_commands")

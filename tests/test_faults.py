@@ -30,12 +30,14 @@ from semlab.train import checkpointing
 from semlab.train.checkpointing import (
     CheckpointWriteError,
     checkpoint_path,
-    find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint_file,
+    restore_checkpoint,
+    save_checkpoint,
 )
-from semlab.train.health import DivergedModelError, first_unhealthy, state_problem
+from semlab.train.health import DivergedModelError, first_unhealthy, model_problem, state_problem
 from semlab.train.loop import NonFiniteLossError, do_train
+from semlab.train.param_groups import build_optimizer
 from semlab.utils.atomic import atomic_path
 from semlab.utils.redact import redact_text, redact_tree
 
@@ -111,49 +113,62 @@ def test_huge_lr_never_leaves_a_diverged_last_good_checkpoint(tmp_path):
     assert info.value.checkpoint == checkpoint_path(tmp_path, 0)
     limit = float(cfg.train.param_abs_limit)
     for _, path in list_checkpoints(tmp_path):
-        assert state_problem(load_checkpoint_file(path)["model"], limit) is None, path
+        model = build(cfg)
+        restore_checkpoint(model, None, path)
+        assert model_problem(model, limit) is None, path
 
 
 def test_resume_skips_a_diverged_checkpoint_and_removes_partial_files(tmp_path):
     cfg = tiny_cfg()
-    do_train(cfg, build(cfg), data_factory(cfg), tmp_path)
-    good = load_checkpoint_file(checkpoint_path(tmp_path, 5))
-    bad = {**good, "iteration": 7}
-    bad["model"] = {k: (v * 1e6 if k.startswith("student.") and v.is_floating_point() else v)
-                    for k, v in good["model"].items()}
-    torch.save(bad, checkpoint_path(tmp_path, 7))
-    (tmp_path / "checkpoints" / "last_checkpoint").write_text("model_0000007.pth\n")
-    partial = tmp_path / "checkpoints" / ".model_0000009.pth.x1y2.tmp"
-    partial.write_bytes(b"\0" * 4096)  # what a kill -9 during torch.save leaves
-    with pytest.warns(RuntimeWarning, match="diverged weights"):
-        path, _ = find_resume_checkpoint(tmp_path, float(cfg.train.param_abs_limit))
-    assert path == checkpoint_path(tmp_path, 5)
-    with pytest.warns(RuntimeWarning, match="falling back to model_0000005.pth"):
+    do_train(cfg, build(cfg), data_factory(cfg), tmp_path)  # checkpoints at iterations 1, 3, 5
+    # a diverged checkpoint at iteration 7 (as an older semlab without the guard could write it)
+    model = build(cfg)
+    optimizer = build_optimizer(model.get_params_groups(), cfg)
+    restore_checkpoint(model, optimizer, checkpoint_path(tmp_path, 5))
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.mul_(1e6)
+    save_checkpoint(model, optimizer, 7, tmp_path, tiny_cfg("train.max_to_keep=0"))
+    assert (tmp_path / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000007"
+    interrupted = checkpoint_path(tmp_path, 9)  # what a kill -9 during a write leaves: no .metadata
+    interrupted.mkdir()
+    partial = interrupted / ".trainer_state.pt.x1y2.tmp"
+    partial.write_bytes(b"\0" * 4096)
+    with pytest.warns(RuntimeWarning, match="diverged weights") as caught:
         summary = do_train(tiny_cfg("train.max_iterations=7"), build(cfg), data_factory(cfg), tmp_path)
+    assert any("falling back to model_0000005" in str(w.message) for w in caught)
     assert summary["start_iteration"] == 6 and not partial.exists()
+
+
+def test_resume_refuses_when_every_checkpoint_is_diverged(tmp_path):
+    cfg = tiny_cfg("train.max_iterations=2", "train.max_to_keep=0")
+    do_train(cfg, build(cfg), data_factory(cfg), tmp_path)  # one checkpoint, at iteration 1
+    with pytest.warns(RuntimeWarning, match="diverged weights"), pytest.raises(DivergedModelError,
+                                                                                match="--no-resume"):
+        do_train(tiny_cfg("train.param_abs_limit=1e-9"), build(cfg), data_factory(cfg), tmp_path)
 
 
 # ---------------------------------------------------------------------------- disk full
 def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path, monkeypatch):
     cfg = tiny_cfg()
-    real_save = torch.save
+    real_save = checkpointing.dcp.save
     calls = {"n": 0}
 
-    def full_disk_save(obj, f, *args, **kwargs):
+    def full_disk_save(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] >= 2:  # the second checkpoint: torch's own wording when the disk fills up
-            Path(f).write_bytes(b"PK\x03\x04 partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374")
-        return real_save(obj, f, *args, **kwargs)
+        if calls["n"] >= 2:  # the second checkpoint: the OS's own wording when the disk fills up
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(checkpointing.torch, "save", full_disk_save)
+    monkeypatch.setattr(checkpointing.dcp, "save", full_disk_save)
     with pytest.raises(CheckpointWriteError, match="disk may be full") as info:
         do_train(cfg, build(cfg), data_factory(cfg), tmp_path)
-    assert "model_0000003.pth" in str(info.value) and "MiB free" in str(info.value)
-    monkeypatch.setattr(checkpointing.torch, "save", real_save)
-    assert [it for it, _ in list_checkpoints(tmp_path)] == [1]
+    assert "model_0000003" in str(info.value) and "MiB free" in str(info.value)
+    monkeypatch.setattr(checkpointing.dcp, "save", real_save)
+    complete = [it for it, path in list_checkpoints(tmp_path) if (path / ".metadata").is_file()]
+    assert complete == [1]
     load_checkpoint_file(checkpoint_path(tmp_path, 1))
-    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    assert (tmp_path / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000001"
     with atomic_path(tmp_path / "x.bin") as tmp:  # the helper is unchanged: success still renames
         tmp.write_bytes(b"ok")
     assert (tmp_path / "x.bin").read_bytes() == b"ok"
@@ -257,25 +272,23 @@ def test_too_many_unreadable_images_stop_the_run_naming_them(tmp_path):
 
 # ---------------------------------------------------------------------------- kill -9 mid-checkpoint
 KILLED_WRITER = """
-import io, os, signal, sys
+import os, signal, sys
 from pathlib import Path
-import torch
+import torch.distributed.checkpoint as dcp
 sys.path.insert(0, {tests!r})
 from test_train_loop import build, data_factory, tiny_cfg
 from semlab.train.loop import do_train
 
-real_save, calls = torch.save, []
+real_save, calls = dcp.save, []
 
-def dying_save(obj, f, *args, **kwargs):
-    calls.append(f)
-    if len(calls) == 2:  # the second checkpoint: half of it reaches the disk, then SIGKILL
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+def dying_save(state, *args, checkpoint_id=None, **kwargs):
+    calls.append(checkpoint_id)
+    if len(calls) == 2:  # the second checkpoint: part of a shard reaches the disk, then SIGKILL
+        Path(checkpoint_id, "__0_0.distcp").write_bytes(b"half a shard")
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
+    return real_save(state, *args, checkpoint_id=checkpoint_id, **kwargs)
 
-torch.save = dying_save
+dcp.save = dying_save
 cfg = tiny_cfg()
 do_train(cfg, build(cfg), data_factory(cfg), {out!r})
 """
@@ -290,14 +303,14 @@ def test_kill_9_in_the_middle_of_a_checkpoint_resumes_exactly(tmp_path):
     script = KILLED_WRITER.format(tests=str(Path(__file__).parent), out=str(out))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [it for it, _ in list_checkpoints(out)] == [1]
-    assert len(list((out / "checkpoints").glob(".model_0000003.pth.*.tmp"))) == 1  # the half-written file
+    assert [it for it, _ in list_checkpoints(out)] == [1, 3]
+    assert not (checkpoint_path(out, 3) / ".metadata").exists()  # the half-written checkpoint
     cfg = tiny_cfg()
     ref = build(cfg)
     do_train(cfg, ref, data_factory(cfg), tmp_path / "ref")
     resumed = build(tiny_cfg())
-    summary = do_train(tiny_cfg(), resumed, data_factory(cfg), out)
+    summary = do_train(tiny_cfg(), resumed, data_factory(cfg), out)  # last_checkpoint names model_0000001
     assert summary["start_iteration"] == 2 and summary["iteration"] == 5
-    assert not list((out / "checkpoints").glob(".*.tmp"))
+    assert (checkpoint_path(out, 3) / ".metadata").is_file()  # rewritten whole
     for (key, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), key

@@ -4,8 +4,9 @@ The head is started from this test's Python environment (its ``bin`` first on PA
 ``python`` has semlab), bound to 127.0.0.1 with free ports and a private temp dir, with 2 CPUs. The
 job runs ``python experiments/pretrain.py`` with a tiny config and 2 Ray Train workers; inside the
 job ``RAY_ADDRESS`` points at this head, so the launcher joins it instead of starting its own
-cluster. The test checks the job SUCCEEDED and that the run left its checkpoints (locally and in
-Ray's storage), its metrics and its config.
+cluster. The test checks the job SUCCEEDED, that ``ray job logs`` showed rank 0's progress line of
+every log period while the job was still running, and that the run left its checkpoints (Ray's
+sharded ones and the local cache), its metrics and its config.
 
 Clean-up: ``ray stop`` would stop every Ray process on the machine, other users' clusters
 included. The head is stopped instead by terminating exactly the processes of this head (those
@@ -145,18 +146,27 @@ def _job_state(text: str, job_id: str) -> str | None:
     return None
 
 
-def _wait_for_job(address: str, job_id: str, env: dict[str, str]) -> str:
+PROGRESS = re.compile(
+    r"semlab\.progress: it (\d+)/(\d+) .* img/s \| loss .* \| lr .* \| data wait .* \| eta "
+)
+
+
+def _follow_progress(address: str, job_id: str, env: dict[str, str]) -> tuple[str, set[int]]:
+    """Poll ``ray job logs`` and ``ray job status`` until the job ends; returns the final state and
+    the iterations whose progress line the logs showed while the job was not finished yet."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    last = ""
+    seen_running: set[int] = set()
     while time.monotonic() < deadline:
+        logs = _ray("job", "logs", "--address", address, job_id, env=env, timeout=60).stdout
+        lines = {int(m.group(1)) for m in PROGRESS.finditer(_ANSI.sub("", logs))}
         out = _ray("job", "status", "--address", address, job_id, env=env, timeout=60)
-        last = _ANSI.sub("", out.stdout + out.stderr).strip()
-        state = _job_state(last, job_id)
+        state = _job_state(out.stdout + out.stderr, job_id)
         if state is not None:
-            return state
-        time.sleep(3)
+            return state, seen_running
+        seen_running |= lines  # seen in the logs before this status said the job still ran
+        time.sleep(1)
     _ray("job", "stop", "--address", address, job_id, env=env, timeout=60)
-    return f"TIMEOUT (last status: {last[-300:]})"
+    return "TIMEOUT", seen_running
 
 
 def test_ray_job_submit_runs_the_pretraining(ray_head, tmp_path):
@@ -185,25 +195,29 @@ def test_ray_job_submit_runs_the_pretraining(ray_head, tmp_path):
     assert submitted.returncode == 0, (
         f"ray job submit failed:\n{submitted.stderr[-2000:]}\nhead logs:\n{_head_logs(temp_dir)}"
     )
-    status = _wait_for_job(address, job_id, env)
-    logs = _ray("job", "logs", "--address", address, job_id, env=env, timeout=60).stdout
+    status, seen_running = _follow_progress(address, job_id, env)
+    logs = _ANSI.sub("", _ray("job", "logs", "--address", address, job_id, env=env, timeout=60).stdout)
     assert status == "SUCCEEDED", f"job {job_id} ended {status}; logs:\n{logs[-6000:]}"
     assert "Started a local Ray instance" not in logs, "the job started its own cluster instead of joining"
+    # one progress line per log period (1 iteration), from rank 0 only, visible while the job ran
+    progress = [int(m.group(1)) for m in PROGRESS.finditer(logs)]
+    assert progress == [1, 2, 3, 4], f"progress lines: {progress}\n{logs[-4000:]}"
+    assert seen_running, f"no progress line showed before the job ended:\n{logs[-4000:]}"
 
-    # local checkpoints of the last iteration (3), the pointer, and loadable files only
-    import torch
+    # Ray's sharded checkpoints (storage default: <output_dir>/ray_results/<run name>): one shard
+    # file per worker; the local folder is a cache of the newest one
+    from semlab.train.checkpointing import load_checkpoint_file
 
-    ckpts = sorted((out / "checkpoints").glob("model_*.pth"))
-    assert [p.name for p in ckpts] == ["model_0000001.pth", "model_0000003.pth"]
-    assert (out / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000003.pth"
-    for path in ckpts:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert ckpt["data"]["world_size"] == 2
-    assert (out / "eval" / "training_3" / "teacher_checkpoint.pth").is_file()
-    # Ray's copy of the reported checkpoints (storage default: <output_dir>/ray_results/<run name>)
-    stored = sorted(p.name for p in (out / "ray_results" / out.name).glob("checkpoint_*") if p.is_dir())
+    storage = out / "ray_results" / out.name
+    stored = sorted(p.name for p in storage.glob("checkpoint_*") if p.is_dir())
     assert stored == ["checkpoint_0000001", "checkpoint_0000003"]
-    assert (out / "ray_results" / out.name / "checkpoint_0000003" / "model_0000003.pth").is_file()
+    for name in stored:
+        assert load_checkpoint_file(storage / name)["data"]["world_size"] == 2
+    names = sorted(p.name for p in (storage / "checkpoint_0000003").iterdir())
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer_state.pt"]
+    assert [p.name for p in (out / "checkpoints").glob("model_*")] == ["model_0000003"]
+    assert (out / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000003"
+    assert (out / "eval" / "training_3" / "teacher_checkpoint.pth").is_file()
     # metrics of every iteration, and the resolved config
     lines = [json.loads(line) for line in (out / "training_metrics.json").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [0, 1, 2, 3]

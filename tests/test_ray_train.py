@@ -100,12 +100,12 @@ def _stored(storage: Path) -> list[str]:
 def _assert_no_corrupt_checkpoints(out: Path, storage: Path) -> None:
     from semlab.train.checkpointing import load_checkpoint_file
 
-    files = sorted((out / "checkpoints").glob("model_*.pth"))
-    files += sorted(storage.glob("checkpoint_*/model_*.pth"))
-    assert files
-    for path in files:
-        ckpt = load_checkpoint_file(path)  # torch.load(weights_only=True) + key checks
-        assert int(path.stem.split("_")[1]) == ckpt["iteration"]
+    folders = sorted((out / "checkpoints").glob("model_*"))
+    folders += sorted(p for p in storage.glob("checkpoint_*") if p.is_dir())
+    assert folders
+    for path in folders:
+        ckpt = load_checkpoint_file(path)  # complete DCP folder + trainer_state.pt(weights_only=True)
+        assert int(path.name.split("_")[1]) == ckpt["iteration"]
     leftovers = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
 
@@ -185,9 +185,9 @@ def test_resume_on_one_worker_survives_a_killed_worker(runs):
     assert killed[1] < f"checkpoint_{LONG - 1:07d}", f"the kill came after the last checkpoint: {killed}"
     result = outcome["result"]
     assert result.error is None and result.metrics["iteration"] == LONG - 1
-    last = out / "checkpoints" / f"model_{LONG - 1:07d}.pth"
-    ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    assert ckpt["data"]["world_size"] == 1
+    from semlab.train.checkpointing import load_checkpoint_file
+
+    assert load_checkpoint_file(storage / f"checkpoint_{LONG - 1:07d}")["data"]["world_size"] == 1
     # 2 workers (0-5, with a restart) then 1 worker (6-29, with a restart): the baseline's curve
     losses = _losses(out)
     assert sorted(losses) == list(range(LONG))
@@ -225,16 +225,20 @@ def test_trainer_configs_follow_the_ray_section(tmp_path):
     rc = run_config(cfg, tmp_path / "out")
     assert rc.name == "exp1" and rc.storage_path == str(tmp_path / "store")
     assert rc.failure_config.max_failures == 3 and rc.checkpoint_config.num_to_keep == 5
+    assert rc.failure_config.max_preemption_failures == -1  # preemptions are not failures
     default = run_config(load_config("demo_tiny"), tmp_path / "out")
     assert default.name == "out" and default.storage_path == str(tmp_path / "out" / "ray_results")
 
 
 def test_reporter_reports_from_every_rank(tmp_path):
+    """Metrics every log period and checkpoints from every rank; each rank hands Ray only the files
+    it wrote into the sharded folder (hard links), under one checkpoint name."""
     from semlab.orchestration.reporter import RayTrainReporter
 
-    ckpt = tmp_path / "checkpoints" / "model_0000009.pth"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes(b"weights")
+    ckpt = tmp_path / "checkpoints" / "model_0000009"
+    ckpt.mkdir(parents=True)
+    for name in (".metadata", "trainer_state.pt", "__0_0.distcp", "__1_0.distcp"):
+        (ckpt / name).write_bytes(name.encode())
     calls = []
 
     def fake_report(metrics, checkpoint=None, checkpoint_dir_name=None):
@@ -243,15 +247,19 @@ def test_reporter_reports_from_every_rank(tmp_path):
 
     rank0, rank1 = RayTrainReporter(0, report_fn=fake_report), RayTrainReporter(1, report_fn=fake_report)
     rank0.on_metrics(9, {"total": 1.5, "lr": 1e-3, "note": "text", "bad": float("nan")})
+    rank1.on_metrics(9, {"total": 1.5})
     rank0.on_checkpoint(9, ckpt)
     rank1.on_checkpoint(9, ckpt)
-    assert calls[0] == (
+    assert calls[0] == ({"total": 1.5, "lr": 1e-3, "iteration": 9}, None, None)
+    assert calls[1] == ({"iteration": 9}, None, None)
+    assert calls[2] == (
         {"total": 1.5, "lr": 1e-3, "iteration": 9},
-        ["model_0000009.pth"],
+        [".metadata", "__0_0.distcp", "trainer_state.pt"],
         "checkpoint_0000009",
     )
-    assert calls[1] == ({"iteration": 9}, None, "checkpoint_0000009")
-    assert [p.name for p in ckpt.parent.iterdir()] == ["model_0000009.pth"]  # the upload dir is gone
+    assert calls[3] == ({"iteration": 9}, ["__1_0.distcp"], "checkpoint_0000009")
+    linked = tmp_path / "checkpoints" / ".ray-upload-0000009-rank1" / "__1_0.distcp"
+    assert linked.stat().st_ino == (ckpt / "__1_0.distcp").stat().st_ino  # a link, not a copy
 
 
 def test_sweep_trial_configs():

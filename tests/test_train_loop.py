@@ -112,9 +112,9 @@ def test_corrupt_last_checkpoint_falls_back_with_a_warning(tmp_path):
     cfg = tiny_cfg()
     do_train(cfg, build(cfg), data_factory(cfg), tmp_path)
     assert [it for it, _ in list_checkpoints(tmp_path)] == [1, 3, 5]  # max_to_keep 3
-    last = checkpoint_path(tmp_path, 5)
-    last.write_bytes(last.read_bytes()[:1000])  # truncated
-    with pytest.warns(RuntimeWarning, match="falling back to model_0000003.pth"):
+    last = checkpoint_path(tmp_path, 5) / "trainer_state.pt"
+    last.write_bytes(last.read_bytes()[:100])  # truncated
+    with pytest.warns(RuntimeWarning, match="falling back to model_0000003"):
         path, ckpt = find_resume_checkpoint(tmp_path)
     assert path == checkpoint_path(tmp_path, 3) and ckpt["iteration"] == 3
     assert ckpt["data"] == {"consumed_iterations": 4, "seed": cfg.train.seed, "world_size": 1}
@@ -129,7 +129,7 @@ def test_max_to_keep(tmp_path):
     cfg = tiny_cfg("train.max_to_keep=2", "train.checkpoint_period_iterations=1")
     do_train(cfg, build(cfg), data_factory(cfg), tmp_path)
     assert [it for it, _ in list_checkpoints(tmp_path)] == [4, 5]
-    assert (tmp_path / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000005.pth"
+    assert (tmp_path / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000005"
 
 
 def test_non_finite_loss_stops_without_a_new_checkpoint(tmp_path):
@@ -289,3 +289,28 @@ def test_pretrain_entry_point_writes_config_metrics_and_knn(tmp_path, capsys):
     assert saved.train.output_dir == str(out) and saved.optim.lr > 0
     assert (out / METRICS_FILE).is_file() and (out / "checkpoints" / "last_checkpoint").is_file()
     assert entry.main(["--nodes", "0", "--output-dir", str(out)]) == 2  # bad worker flags are refused
+
+
+@pytest.mark.slow
+def test_interrupted_sharded_write_is_never_resumed_from(tmp_path):
+    """A checkpoint folder whose DCP ``.metadata`` is missing (a crash while the shards were being
+    written) is skipped even when ``last_checkpoint`` names it; its shards are per rank."""
+    cfg = tiny_cfg("train.max_iterations=4")
+    do_train(cfg, build(cfg), data_factory(cfg), tmp_path)
+    last = checkpoint_path(tmp_path, 3)
+    assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "trainer_state.pt"]
+    (last / ".metadata").unlink()
+    with pytest.warns(RuntimeWarning, match=r"no DCP \.metadata.*falling back to model_0000001"):
+        path, state = find_resume_checkpoint(tmp_path)
+    assert path == checkpoint_path(tmp_path, 1) and state["iteration"] == 1
+
+
+@pytest.mark.slow
+def test_model_weights_start_from_a_full_checkpoint_folder(tmp_path):
+    cfg = tiny_cfg("train.max_iterations=4")
+    model = build(cfg)
+    do_train(cfg, model, data_factory(cfg), tmp_path / "a")
+    fresh = build(tiny_cfg(f"MODEL.pretrained_backbone={checkpoint_path(tmp_path / 'a', 3)}"))
+    for part in ("student", "teacher"):  # both as saved (the teacher is the EMA, not a copy)
+        for k, v in getattr(model, part).state_dict().items():
+            torch.testing.assert_close(getattr(fresh, part).state_dict()[k], v, msg=f"{part}.{k}")

@@ -85,16 +85,15 @@ def test_tune_sweep_runs_every_trial_and_resumes(local_cluster, tmp_path, monkey
         stored = sorted(p.name for p in (sweep / "ray_results" / trial.name).glob("checkpoint_0*"))
         assert stored == ["checkpoint_0000001", "checkpoint_0000003"]
     first = {r["student.temp"]: r[KNN_METRIC] for r in rows}
-    ckpts = sorted(sweep.glob("ray_results/L4_temp*/checkpoint_*/model_*.pth"))
+    ckpts = sorted(sweep.glob("ray_results/L4_temp*/checkpoint_*/trainer_state.pt"))
     mtimes = {p: p.stat().st_mtime_ns for p in ckpts}
     assert len(ckpts) == 4  # 2 trials x checkpoints of iterations 1 and 3 (ray.num_to_keep=2)
 
     again = summarize(run_sweep(cfg, sweep, [4], [0.5, 1.0], mlflow=False), KNN_METRIC)
     assert [r["error"] for r in again] == [None, None]
     assert {r["student.temp"]: r[KNN_METRIC] for r in again} == first
-    assert {
-        p: p.stat().st_mtime_ns for p in sorted(sweep.glob("ray_results/L4_temp*/checkpoint_*/model_*.pth"))
-    } == mtimes
+    stored_again = sorted(sweep.glob("ray_results/L4_temp*/checkpoint_*/trainer_state.pt"))
+    assert {p: p.stat().st_mtime_ns for p in stored_again} == mtimes
 
 
 def test_sweep_with_two_clusters_on_the_machine_is_a_clear_error(local_cluster, tmp_path):

@@ -1,17 +1,21 @@
 """``RayTrainReporter``: the training loop's Reporter inside a Ray Train worker.
 
 Ray Train V2 requires every worker to call ``ray.train.report`` the same number of times (the
-call is a barrier). The loop therefore calls this reporter's checkpoint hooks on every rank
-(``all_ranks = True``; ``on_metrics`` stays rank 0 only). At each full checkpoint:
+call is a barrier), so the loop calls this reporter's metrics and checkpoint hooks on every rank
+(``all_ranks = True``):
 
-- rank 0 reports the latest logged metrics with a ``ray.train.Checkpoint`` made from a temporary
-  directory that hard-links the checkpoint file (``model_<it>.pth``, no copy on the same disk);
-  Ray uploads it to ``<storage_path>/<run name>/checkpoint_<it>``;
-- every other rank reports ``{"iteration": it}`` without a checkpoint.
+- every log period, ``ray.train.report(metrics)`` without a checkpoint (rank 0's metrics; the
+  other ranks report ``{"iteration": it}``): the Ray dashboard and ``Result.metrics_dataframe``
+  follow the run live, not only at checkpoints;
+- at each full checkpoint, every rank reports a ``ray.train.Checkpoint`` of a temporary folder
+  that hard-links the files *it* wrote into the sharded checkpoint folder ``model_<it>/`` (its DCP
+  shard; rank 0 also ``.metadata`` and ``trainer_state.pt``). Ray uploads every rank's folder into
+  the same ``<storage_path>/<run name>/checkpoint_<it>``, asynchronously
+  (``CheckpointUploadMode.ASYNC``: training goes on while the upload runs), deletes the temporary
+  folder after the upload, and registers the checkpoint once all ranks' uploads are done.
 
-Ray only attaches rank 0's metrics to a checkpoint, and ``Result.metrics`` only holds metrics
-reported with a checkpoint, so per-iteration metrics go to the inner reporter (MLflow) and the
-metrics log file; Ray sees them at checkpoint granularity.
+Ray's storage is the one source of truth for checkpoints, with the one retention setting
+``ray.num_to_keep``; the worker keeps only the newest local folder, as a cache.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,16 +62,34 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def upload_folder(checkpoint: Path, iteration: int, rank: int) -> Path:
+    """A fresh folder next to ``checkpoint`` holding hard links to the files ``rank`` wrote there."""
+    from semlab.train.checkpointing import rank_files
+
+    files = rank_files(checkpoint, rank)
+    if not files:
+        raise FileNotFoundError(f"rank {rank} wrote no files into the checkpoint folder {checkpoint}")
+    folder = checkpoint.parent / f"{UPLOAD_PREFIX}{int(iteration):07d}-rank{int(rank)}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for src in files:
+        _link_or_copy(src, folder / src.name)
+    return folder
+
+
 class RayTrainReporter(Reporter):
     """Reports checkpoints to Ray Train from every rank; forwards hooks to ``inner`` on rank 0."""
 
     all_ranks = True  # read by semlab.train.loop.do_train: call checkpoint/end hooks on every rank
 
-    def __init__(self, rank: int, inner: Reporter | None = None, report_fn: Any = None) -> None:
+    def __init__(
+        self, rank: int, inner: Reporter | None = None, report_fn: Any = None, upload_async: bool = True
+    ) -> None:
         self.rank = int(rank)
         self.inner = inner if self.rank == 0 else None
         self.last_metrics: dict[str, float | int] = {}
         self.reported: list[int] = []
+        self.upload_async = bool(upload_async)
         self._report = report_fn
 
     def _ray_report(self, metrics: dict[str, Any], checkpoint: Any = None, name: str | None = None) -> None:
@@ -77,27 +98,34 @@ class RayTrainReporter(Reporter):
             return
         import ray.train
 
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        kwargs: dict[str, Any] = {}
+        if checkpoint is not None:
+            mode = ray.train.CheckpointUploadMode
+            kwargs = {
+                "checkpoint_upload_mode": mode.ASYNC if self.upload_async else mode.SYNC,
+                "delete_local_checkpoint_after_upload": True,  # only the hard-link folder
+            }
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, **kwargs)
 
     def on_metrics(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Every rank: one ``ray.train.report`` without a checkpoint (rank 0's metrics)."""
         self.last_metrics = scalar_metrics(metrics)
         if self.inner is not None:
             self.inner.on_metrics(iteration, metrics)
+        payload = {**self.last_metrics, "iteration": int(iteration)} if self.rank == 0 else {}
+        self._ray_report({**payload, "iteration": int(iteration)})
 
     def on_checkpoint(self, iteration: int, path: Path) -> None:
-        metrics = {**self.last_metrics, "iteration": int(iteration)}
-        name = ray_checkpoint_name(iteration)
-        if self.rank == 0:
-            from ray.train import Checkpoint
+        """Every rank: report the files it wrote into the checkpoint folder ``path``."""
+        from ray.train import Checkpoint
 
-            path = Path(path)
-            with tempfile.TemporaryDirectory(prefix=UPLOAD_PREFIX, dir=path.parent) as tmp:
-                _link_or_copy(path, Path(tmp) / path.name)
-                self._ray_report(metrics, Checkpoint.from_directory(tmp), name)
-            if self.inner is not None:
-                self.inner.on_checkpoint(iteration, path)
-        else:
-            self._ray_report(metrics, None, name)
+        metrics = {**self.last_metrics, "iteration": int(iteration)} if self.rank == 0 else {
+            "iteration": int(iteration)
+        }
+        folder = upload_folder(Path(path), iteration, self.rank)
+        self._ray_report(metrics, Checkpoint.from_directory(str(folder)), ray_checkpoint_name(iteration))
+        if self.inner is not None:
+            self.inner.on_checkpoint(iteration, Path(path))
         self.reported.append(int(iteration))
 
     def on_eval_checkpoint(self, iteration: int, path: Path) -> None:

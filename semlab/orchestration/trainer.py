@@ -6,15 +6,20 @@ Config -> Ray (``ray:`` section):
                   resources_per_worker={"CPU": ray.cpus_per_worker[, "GPU": ray.gpus_per_worker]})
     RunConfig(name=ray.run_name or <output dir's name>,
               storage_path=ray.storage_path or <output_dir>/ray_results,
-              failure_config=FailureConfig(max_failures=ray.max_failures),
+              failure_config=FailureConfig(max_failures=ray.max_failures,
+                                           max_preemption_failures=ray.max_preemption_failures),
               checkpoint_config=CheckpointConfig(num_to_keep=ray.num_to_keep))
 
 Fault tolerance: when a worker dies, Ray Train tears the group down, starts a new one (up to
 ``max_failures`` times) and ``ray.train.get_checkpoint()`` hands the new workers the last
-reported checkpoint, from which they resume. Rerunning (or resubmitting) with the same run name
-and storage path resumes an interrupted run the same way; ``resume=False`` runs under a fresh,
-time-stamped name instead. Checkpoints are full state dicts, so the worker count may change
-between attempts (2 -> 1 workers, or 4 GPUs -> 8).
+reported checkpoint, from which they resume. A worker lost with its node to a preemption (Spot) is
+recovered the same way but counted against ``max_preemption_failures`` (default -1: always), not
+``max_failures``, which stays for real errors: Ray Train 2.60 tells the two apart from the node's
+drain notice. A Spot user loses at most one checkpoint period of training (the iterations since
+the last checkpoint whose upload completed). Rerunning (or resubmitting) with the same run name
+and storage path resumes an interrupted or cancelled run the same way; ``resume=False`` runs under
+a fresh, time-stamped name instead. Checkpoints are sharded DCP folders that reshard on load, so
+the worker count may change between attempts (3 -> 2 workers, or 4 GPUs -> 8).
 """
 
 from __future__ import annotations
@@ -94,7 +99,10 @@ def run_config(
     return RunConfig(
         name=name or run_name(cfg, output_dir),
         storage_path=storage_path(cfg, output_dir),
-        failure_config=FailureConfig(max_failures=int(cfg.ray.max_failures)),
+        failure_config=FailureConfig(
+            max_failures=int(cfg.ray.max_failures),
+            max_preemption_failures=int(cfg.ray.max_preemption_failures),
+        ),
         checkpoint_config=CheckpointConfig(num_to_keep=keep if keep > 0 else None),
         callbacks=callbacks or None,
     )

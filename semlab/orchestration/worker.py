@@ -3,10 +3,15 @@
 One worker = one process = one GPU (or a share of a CPU). Ray Train has already created the
 torch process group (NCCL on GPU, gloo on CPU) when this function starts. Each worker:
 
-1. restores the latest reported checkpoint, if Ray hands one over (a restarted worker group or a
-   resubmitted run of the same name): the local rank 0 of each node materialises the checkpoint
-   file into ``<output_dir>/checkpoints/`` and points ``last_checkpoint`` at it, so that every
-   rank resumes from the same iteration whatever it had on local disk;
+0. configures logging (INFO to stderr, which Ray streams to ``ray job logs`` and the dashboard),
+   so rank 0's progress line of every log period is visible while the run goes;
+1. resumes from the latest reported checkpoint, if Ray hands one over (a restarted worker group
+   or a resubmitted run of the same name): Ray's storage is the one source of truth. A checkpoint
+   on a local (or mounted) filesystem is read in place, each rank reading only the shards it
+   needs (DCP reshards, so the worker count may differ from the one that saved it); one in
+   object storage (``gs://``) is first downloaded by the local rank 0 of each node. The local
+   ``<output_dir>/checkpoints`` keeps only the newest folder (``train.max_to_keep`` = 1), as a
+   cache that says so in ``checkpoints/CACHE.txt``;
 2. builds its data stream: the Ray Data shard of this worker (``data.backend=ray``) through
    ``iter_training_batches``, or the local loader's rank-``r``-of-``W`` part (``data.backend=local``);
 3. runs the one pretraining path, :func:`semlab.train.pretraining.run_pretraining` (seeds
@@ -38,26 +43,59 @@ FAULT_MARKER = ".semlab_fault_injected"
 DataFactory = Callable[[int], Iterator[dict[str, Any]]]
 
 
-# --------------------------------------------------------------------------- resume
-def materialise_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
-    """Copy the ``model_<it>.pth`` of a Ray checkpoint directory into ``<output_dir>/checkpoints``
-    (atomically, skipped when an identical-size file is there) and point ``last_checkpoint`` at it."""
-    from semlab.train.checkpointing import POINTER
-    from semlab.train.checkpointing import checkpoint_dir as ckpt_dir
-    from semlab.utils.atomic import atomic_path, atomic_write_text
+# --------------------------------------------------------------------------- logging, resume
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+CACHE_NOTE = "CACHE.txt"
 
-    files = sorted(Path(checkpoint_dir).glob("model_*.pth"))
-    if not files:
-        raise FileNotFoundError(
-            f"the Ray checkpoint {checkpoint_dir} holds no model_<iteration>.pth: not a semlab checkpoint"
-        )
-    src = files[-1]
-    dst = ckpt_dir(output_dir) / src.name
-    if not (dst.is_file() and dst.stat().st_size == src.stat().st_size):
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
-    atomic_write_text(ckpt_dir(output_dir) / POINTER, dst.name + "\n")
-    return dst
+
+def configure_worker_logging(rank: int) -> None:
+    """INFO records of ``semlab`` to stderr on rank 0 (WARNING on the others); Ray's worker processes
+    configure no logging of their own, so without this the progress lines would go nowhere."""
+    import sys
+
+    log = logging.getLogger("semlab")
+    if not any(getattr(h, "_semlab_worker", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._semlab_worker = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+def write_cache_note(output_dir: Path, storage: str) -> None:
+    """``checkpoints/CACHE.txt``: the local checkpoint folder is a cache of Ray's storage."""
+    from semlab.train.checkpointing import checkpoint_dir as ckpt_dir
+    from semlab.utils.atomic import atomic_write_text
+
+    atomic_write_text(
+        ckpt_dir(output_dir) / CACHE_NOTE,
+        "This folder is a cache: it keeps only the newest checkpoint written on this node.\n"
+        f"The checkpoints of this run are Ray Train's, in {storage} (retention: ray.num_to_keep);\n"
+        "a restarted or resubmitted run resumes from there.\n",
+    )
+
+
+def ray_checkpoint_folder(checkpoint: Any, output_dir: Path, local_rank: int) -> Path | None:
+    """A local folder holding Ray's checkpoint ``checkpoint`` (None: nothing to resume from). A local
+    filesystem path is used in place; otherwise the local rank 0 of each node downloads it once into
+    ``<output_dir>/checkpoints/restored/<name>``. Collective (a barrier)."""
+    from semlab.train.checkpointing import checkpoint_dir as ckpt_dir
+    from semlab.utils import distributed
+
+    if checkpoint is None:
+        distributed.barrier()
+        return None
+    if getattr(checkpoint.filesystem, "type_name", "") == "local":
+        distributed.barrier()
+        return Path(checkpoint.path)
+    target = ckpt_dir(output_dir) / "restored" / Path(checkpoint.path).name
+    if local_rank == 0:
+        shutil.rmtree(target.parent, ignore_errors=True)
+        checkpoint.to_directory(str(target))
+        logger.info("downloaded Ray checkpoint %s to %s", checkpoint.path, target)
+    distributed.barrier()
+    return target
 
 
 def remove_stale_temporaries(output_dir: Path) -> list[str]:
@@ -83,19 +121,15 @@ def remove_stale_temporaries(output_dir: Path) -> list[str]:
     return removed
 
 
-def restore_ray_checkpoint(checkpoint: Any, output_dir: Path, local_rank: int) -> bool:
-    """Clean up after a killed attempt and materialise Ray's checkpoint on each node (local rank 0),
-    then wait for all ranks."""
-    from semlab.utils import distributed
-
+def restore_ray_checkpoint(checkpoint: Any, output_dir: Path, local_rank: int) -> Path | None:
+    """Clean up after a killed attempt (local rank 0), then the folder to resume from (see
+    :func:`ray_checkpoint_folder`); every rank waits for the others."""
     if local_rank == 0:
         remove_stale_temporaries(output_dir)
-    if checkpoint is not None and local_rank == 0:
-        with checkpoint.as_directory() as directory:
-            path = materialise_checkpoint(directory, output_dir)
-        logger.info("resuming from Ray checkpoint %s (as %s)", checkpoint.path, path)
-    distributed.barrier()
-    return checkpoint is not None
+    folder = ray_checkpoint_folder(checkpoint, output_dir, local_rank)
+    if folder is not None:
+        logger.info("resuming from Ray checkpoint %s", checkpoint.path)
+    return folder
 
 
 # --------------------------------------------------------------------------- data
@@ -168,14 +202,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    configure_worker_logging(rank)
     cfg: DictConfig = config["cfg"]
+    cfg.train.max_to_keep = 1  # Ray's storage keeps the checkpoints (ray.num_to_keep); this is a cache
     output_dir = Path(config["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    resumed = restore_ray_checkpoint(ray.train.get_checkpoint(), output_dir, local_rank)
-    resume = resumed or bool(config.get("resume", True))
+    resume_from = restore_ray_checkpoint(ray.train.get_checkpoint(), output_dir, local_rank)
+    resume = resume_from is not None or bool(config.get("resume", True))
+    if local_rank == 0:
+        write_cache_note(output_dir, ctx.get_storage().experiment_fs_path)
 
     custom = config.get("data_factory")
     if custom is not None:  # (cfg, rank, world, start_iter) -> iterator: synthetic data for tests/benchmarks
@@ -193,7 +231,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     evaluate = FinalKnn(cfg, output_dir) if config.get("knn", True) and knn_datasets(cfg) else None
     try:
         summary = run_pretraining(
-            cfg, output_dir, resume, reporter, data=factory, evaluate=evaluate, device=device
+            cfg, output_dir, resume, reporter, data=factory, evaluate=evaluate, device=device,
+            resume_from=resume_from,
         )
     except BaseException:  # the MLflow run ends FAILED (Ray may retry: the retry resumes the run)
         if inner is not None:

@@ -5,11 +5,14 @@ What one pretraining records:
   credentials dropped and long values truncated (``semlab.tracking.sanitize``);
 - tags: ``arch``, ``L``, ``V``, ``tau``, ``recipe``, ``semlab.version``, the git commit
   (``mlflow.source.git.commit``) when available, ``semlab.output_dir``, ``cfg.mlflow.tags``;
-- metrics at each logged iteration (every loss part, lr, wd, mom, teacher_temp, images/s...),
-  batched with ``MlflowClient.log_batch``;
-- artifacts: the resolved config (``config.yaml``), and each teacher eval checkpoint, copied
-  (``mlflow.log_checkpoints: artifact``, up to ``mlflow.max_artifact_mb``) or recorded as a
-  ``semlab.teacher_checkpoint.training_<it>`` tag holding its URI;
+- metrics at each logged iteration (every loss part, lr, wd, mom, teacher_temp, images/s, ETA...),
+  with system metrics (``system/cpu_percent``, memory, GPU memory; ``mlflow.system_metrics``,
+  ``semlab.tracking.system_metrics``), batched with ``MlflowClient.log_batch``;
+- artifacts: the resolved config (``config.yaml``), and each teacher eval checkpoint: as an MLflow 3
+  LoggedModel ``teacher_training_<it>`` with the file as its artifact and the iteration's metrics
+  linked (``mlflow.log_checkpoints: model``, the default; ``semlab.tracking.teacher_models``),
+  copied as a run artifact (``artifact``, up to ``mlflow.max_artifact_mb``), or recorded as a
+  ``semlab.teacher_checkpoint.training_<it>`` tag holding its URI (``uri``);
 - evaluations (k-NN, linear probes) as nested runs whose metrics are also written back onto the
   pretraining run (``knn_top1_k20``, ``linear_top1``, ``linear_sem_top1``...).
 
@@ -112,6 +115,9 @@ class MLflowReporter(Reporter):
         self.closed = False
         self.eval_checkpoints: dict[int, str] = {}
         self._logged_through = -1  # a resumed run already holds training metrics up to this step
+        self.teacher_models: Any = None  # TeacherModelUploader, made at the first eval checkpoint
+        self._last_metrics: tuple[int, dict[str, float]] = (-1, {})
+        self.system_metrics: Any = None
         self._last_flush = time.monotonic()
         if not self.active:
             return
@@ -141,6 +147,10 @@ class MLflowReporter(Reporter):
             )
         self._logged_through = self.run.last_logged_step(_STEP_METRIC) if self.resumed else -1
         self._log_config()
+        if bool(cfg.mlflow.get("system_metrics", True)):
+            from semlab.tracking.system_metrics import SystemMetrics
+
+            self.system_metrics = SystemMetrics()
         atexit.register(self._at_exit)
 
     # ------------------------------------------------------------------ properties
@@ -158,7 +168,11 @@ class MLflowReporter(Reporter):
             return
         if iteration <= self._logged_through and not self.closed:
             return  # logged before a crash, recomputed identically after the resume: keep one value
-        self.run.add_metrics(iteration, {k: v for k, v in metrics.items() if k not in _NOT_METRICS})
+        values = {k: v for k, v in metrics.items() if k not in _NOT_METRICS}
+        self._last_metrics = (int(iteration), {k: v for k, v in values.items() if _is_number(v)})
+        if self.system_metrics is not None and not self.closed:
+            values.update(self.system_metrics.sample())
+        self.run.add_metrics(iteration, values)
         if self.closed:  # e.g. the final k-NN, reported after on_end: send now, keep what fails
             self.flush()
             self.run.dump_unsent()
@@ -185,8 +199,11 @@ class MLflowReporter(Reporter):
         path = Path(path)
         key = f"training_{int(iteration)}"
         mode = str(self.cfg.mlflow.log_checkpoints)
-        if mode not in ("artifact", "uri"):
-            raise ValueError(f"mlflow.log_checkpoints must be 'artifact' or 'uri', got {mode!r}")
+        if mode not in ("model", "artifact", "uri"):
+            raise ValueError(f"mlflow.log_checkpoints must be 'model', 'artifact' or 'uri', got {mode!r}")
+        if mode == "model":
+            self._log_teacher_model(path, int(iteration), key)
+            return
         size_mb = path.stat().st_size / 2**20 if path.is_file() else float("inf")
         uri = path.resolve().as_uri()
         if mode == "artifact" and size_mb <= float(self.cfg.mlflow.max_artifact_mb):
@@ -200,6 +217,27 @@ class MLflowReporter(Reporter):
         self.run.set_tags({
             f"semlab.teacher_checkpoint.{key}": uri,
             "semlab.teacher_checkpoint.latest": uri,
+        })
+
+    def _log_teacher_model(self, path: Path, iteration: int, key: str) -> None:
+        from semlab.tracking.teacher_models import TeacherModelUploader
+
+        assert self.run is not None
+        try:
+            if self.teacher_models is None:
+                self.teacher_models = TeacherModelUploader(self.run.client, self.run.experiment_id,
+                                                           self.run.run_id)
+            it, metrics = self._last_metrics
+            model = self.teacher_models.submit(path, iteration, metrics if it == iteration else {})
+        except Exception as exc:  # the store is out of our hands: never crash training
+            logger.warning("could not record the teacher checkpoint %s in MLflow: %r", path, exc)
+            return
+        uri = f"models:/{model.model_id}"
+        self.eval_checkpoints[iteration] = uri
+        self.run.set_tags({
+            f"semlab.teacher_checkpoint.{key}": uri,
+            "semlab.teacher_checkpoint.latest": uri,
+            f"semlab.teacher_checkpoint_file.{key}": f"{model.artifact_location}/{path.name}",
         })
 
     def on_end(self, summary: dict[str, Any]) -> None:
@@ -250,6 +288,8 @@ class MLflowReporter(Reporter):
         """Flush (unsent metrics go to ``mlflow_unsent.jsonl``) and mark the run ``status``."""
         if self.run is None or self.closed:
             return
+        if self.teacher_models is not None:
+            self.teacher_models.wait()  # the uploads of teacher checkpoints still running
         self.flush()
         self.run.dump_unsent()
         self.run.terminate(status)

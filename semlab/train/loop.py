@@ -10,7 +10,7 @@ For ``it`` in ``[start, max_iter)``, with ``max_iter = optim.epochs * OFFICIAL_E
     clip_grad_norm_(each student module, optim.clip_grad); optimizer.step()
     model.update_teacher(mom)
     (it + 1) % eval_period == 0     -> eval/training_<it>/teacher_checkpoint.pth
-    (it + 1) % checkpoint_period == 0 or it == max_iter - 1 -> checkpoints/model_<it>.pth
+    (it + 1) % checkpoint_period == 0 or it == max_iter - 1 -> checkpoints/model_<it>/ (sharded)
 
 The loop takes a data iterator (or a factory ``start_iter -> iterator``, so that a resumed run
 continues the data stream where the checkpoint left it) and a ``Reporter``; it knows nothing of
@@ -40,6 +40,7 @@ from tqdm import tqdm
 from semlab.config import apply_scaling_rules
 from semlab.train.checkpointing import (
     find_resume_checkpoint,
+    load_checkpoint_file,
     remove_partial_files,
     restore_checkpoint,
     save_checkpoint,
@@ -48,6 +49,7 @@ from semlab.train.checkpointing import (
 )
 from semlab.train.health import DivergedModelError, model_problem, param_limit
 from semlab.train.param_groups import apply_optim_schedule, build_optimizer
+from semlab.train.progress import eta_seconds, log_progress
 from semlab.train.reporting import Reporter
 from semlab.train.schedules import build_schedules
 from semlab.utils import distributed
@@ -179,16 +181,18 @@ class ThroughputWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.images, self.time_s, self.data_time_s = 0, 0.0, 0.0
+        self.images, self.time_s, self.data_time_s, self.iterations = 0, 0.0, 0.0, 0
 
     def add(self, images: int, step_s: float, data_s: float) -> None:
+        self.iterations += 1
         self.images += images
         self.time_s += step_s
         self.data_time_s += data_s
 
-    def record(self, iteration: int, losses: dict[str, float], sched: dict[str, float], grad_norm: float
-               ) -> dict[str, Any]:
-        """The metrics line of ``iteration`` (losses, schedule values, speed); starts a new window."""
+    def record(self, iteration: int, losses: dict[str, float], sched: dict[str, float], grad_norm: float,
+               max_iter: int = 0) -> dict[str, Any]:
+        """The metrics line of ``iteration`` (losses, schedule values, speed, ETA to ``max_iter``);
+        starts a new window."""
         record: dict[str, Any] = {"iteration": iteration, **losses}
         record.update({key: sched[key] for key in ("lr", "wd", "mom", "teacher_temp", "last_layer_lr")})
         record.update(
@@ -197,6 +201,8 @@ class ThroughputWindow:
                 "images_per_s": self.images / max(self.time_s, 1e-9),
                 "data_time_s": self.data_time_s,
                 "window_time_s": self.time_s,
+                "window_iterations": self.iterations,
+                "eta_s": eta_seconds(iteration, max_iter, self.time_s, self.iterations),
             }
         )
         self.reset()
@@ -209,23 +215,47 @@ def is_due(iteration: int, period: int) -> bool:
 
 
 def resume_point(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: Path, resume: bool,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    output_dir: Path,
+    resume: bool,
+    resume_from: str | Path | None = None,
     param_abs_limit: float = math.inf,
 ) -> tuple[int, dict[str, Any] | None, Path | None]:
-    """(first iteration, RNG state to restore, checkpoint path) of the newest healthy checkpoint of
-    ``output_dir`` (weights finite and within ``param_abs_limit``) when resuming and there is one;
-    else ``(0, None, None)``: the model keeps the weights it was built with
-    (``MODEL.pretrained_backbone``, loaded by ``SSLMetaArch``). Partial files that a killed writer
-    left in ``checkpoints/`` are removed first (rank 0)."""
+    """(first iteration, RNG state to restore, checkpoint folder) of the checkpoint to resume from:
+    ``resume_from`` when given (e.g. the checkpoint Ray Train hands a restarted worker), else the
+    newest complete and healthy checkpoint of ``output_dir`` when ``resume`` (weights finite and
+    within ``param_abs_limit``, checked after restoring each candidate); else ``(0, None, None)``:
+    the model keeps the weights it was built with (``MODEL.pretrained_backbone``, loaded by
+    ``SSLMetaArch``). Partial files a killed writer left are removed first (rank 0)."""
     if resume and distributed.is_main_process():
         remove_partial_files(output_dir)
-    found = find_resume_checkpoint(output_dir, param_abs_limit) if resume else None
+    rejected: list[str] = []
+
+    def restore_if_healthy(path: Path, state: dict[str, Any]) -> str | None:
+        restore_checkpoint(model, optimizer, path, state, restore_rng=False)
+        problem = model_problem(model, param_abs_limit)
+        if problem is not None:
+            rejected.append(f"{path.name}: {problem}")
+        return problem
+
+    if resume_from is not None:
+        found = (Path(resume_from), load_checkpoint_file(resume_from))
+        problem = restore_if_healthy(*found)
+        if problem is not None:
+            raise DivergedModelError(int(found[1]["iteration"]), problem, None)
+    else:
+        found = find_resume_checkpoint(output_dir, accept=restore_if_healthy) if resume else None
     if found is None:
+        if rejected:  # the model now holds a rejected checkpoint's weights: never train on from them
+            raise DivergedModelError(-1, "every checkpoint failed the health check (" + "; ".join(rejected)
+                                     + "); start over with --no-resume", None)
         return 0, None, None
-    last_ckpt, ckpt = found
-    start = restore_checkpoint(model, optimizer, ckpt, restore_rng=False) + 1
-    logger.info("resumed from %s: starting at iteration %d", last_ckpt, start)
-    return start, ckpt["rng"], last_ckpt
+    last_ckpt, state = found
+    start = int(state["iteration"]) + 1
+    logger.info("resumed from %s (saved by %s ranks): starting at iteration %d",
+                last_ckpt, state["data"].get("world_size", "?"), start)
+    return start, state["rng"], last_ckpt
 
 
 def _show_progress() -> bool:
@@ -240,6 +270,7 @@ def do_train(
     reporter: Reporter | None = None,
     resume: bool = True,
     start_iteration: int | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (an ``SSLMetaArch``, possibly parallelised) and return a summary dict.
 
@@ -247,7 +278,8 @@ def do_train(
     after a resume it is called with the number of batches already consumed). ``resume``: continue
     from ``<output_dir>/checkpoints/last_checkpoint`` if present (else the model's own weights).
     ``start_iteration``: force the first iteration (callers that restore state themselves);
-    default: the resumed checkpoint's iteration + 1, or 0.
+    default: the resumed checkpoint's iteration + 1, or 0. ``resume_from``: a checkpoint folder to
+    resume from instead of ``output_dir``'s own (Ray Train's restored checkpoint).
     Raises ``NonFiniteLossError`` on a NaN/inf total loss.
     """
     output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
@@ -265,7 +297,7 @@ def do_train(
     clip = float(cfg.optim.clip_grad or 0.0)
     limit = param_limit(cfg)
 
-    start, rng_state, last_ckpt = resume_point(model, optimizer, output_dir, resume, limit)
+    start, rng_state, last_ckpt = resume_point(model, optimizer, output_dir, resume, resume_from, limit)
     start = int(start_iteration) if start_iteration is not None else start
     model.train()
     batches: Iterator[dict[str, Any]] = data_iter(start) if callable(data_iter) else data_iter
@@ -292,10 +324,12 @@ def do_train(
             images = int(batch["collated_global_crops"].shape[0] // 2) * world
             window.add(images, time.perf_counter() - t0, t_data)
             bar.update(1)
-            if is_main and (is_due(it, log_period) or it == max_iter - 1):
-                record = window.record(it, losses, sched, grad_norm)
-                metrics_log.append(record)
-                reporter.on_metrics(it, record)
+            if is_due(it, log_period) or it == max_iter - 1:
+                record = window.record(it, losses, sched, grad_norm, max_iter)
+                if is_main:
+                    metrics_log.append(record)
+                    log_progress(record, max_iter)
+                reporter.on_metrics(it, record)  # rank 0, or every rank for an all-ranks reporter
                 bar.set_postfix(loss=f"{losses['total']:.3f}", lr=f"{sched['lr']:.2e}")
             if is_due(it, eval_period) or is_due(it, ckpt_period) or it == max_iter - 1:
                 problem = model_problem(model, limit)  # a checkpoint is written only of a healthy model

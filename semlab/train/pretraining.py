@@ -102,16 +102,20 @@ def run_pretraining(
     data: DataFactory | None = None,
     evaluate: Evaluation | None = None,
     device: torch.device | str | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the whole pretraining (see the module doc) and return ``do_train``'s summary, with
-    ``final_metrics`` (the evaluation's, on rank 0) when ``evaluate`` is given."""
+    ``final_metrics`` (the evaluation's, on rank 0) when ``evaluate`` is given. ``resume_from``: a
+    checkpoint folder to resume from (see ``do_train``)."""
     output_dir = Path(output_dir)
     reporter = reporter if reporter is not None else Reporter()
     prepare_run(cfg, output_dir)
     model = SSLMetaArch(cfg)
     parallelize(model, cfg, device if device is not None else distributed.default_device())
     data = data if data is not None else local_data(cfg)
-    summary = do_train(cfg, model, data, output_dir, reporter=reporter, resume=resume)
+    summary = do_train(
+        cfg, model, data, output_dir, reporter=reporter, resume=resume, resume_from=resume_from
+    )
     if evaluate is not None:
         backbone = final_teacher_backbone(model, cfg)
         if backbone is not None:

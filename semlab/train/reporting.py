@@ -20,7 +20,8 @@ class Reporter:
     all_ranks: bool = False
 
     def on_metrics(self, iteration: int, metrics: dict[str, float]) -> None:
-        """Called every ``train.log_period_iterations`` iterations (and at the last one)."""
+        """Called every ``train.log_period_iterations`` iterations (and at the last one); on every rank
+        for an ``all_ranks`` reporter (the losses are already averaged over ranks)."""
 
     def on_checkpoint(self, iteration: int, path: Path) -> None:
         """Called after a full (resumable) checkpoint was written atomically at ``path``."""

@@ -32,7 +32,7 @@ import posixpath
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +392,9 @@ def _remove_stale(fs: Any, split_dir: str, plan: ShardPlan) -> None:
                 fs.delete_file(info.path)
 
 
+ShardRunner = Callable[[str, "ShardPlan", str, str, list[int]], Iterable[tuple[int, dict, bool]]]
+
+
 def prepare_split(
     dataset_str: str,
     split: str,
@@ -401,8 +404,14 @@ def prepare_split(
     rows_per_shard: int | None = None,
     shuffle_seed: int | None = 0,
     progress: bool = True,
+    runner: ShardRunner | None = None,
 ) -> dict[str, Any]:
-    """Write (or repair) the shards of one split; returns its manifest entry."""
+    """Write (or repair) the shards of one split; returns its manifest entry.
+
+    ``runner(split_str, plan, output, split_dir, shard_indices)`` -> ``(k, record, written)`` for each
+    shard, in any order, runs :func:`ensure_shard` elsewhere (``semlab.orchestration.shard_preparation``
+    spreads it over a Ray cluster as Ray Data work); default: this process, or ``workers`` processes.
+    """
     from tqdm import tqdm
 
     from semlab.data.datasets.factory import make_dataset
@@ -444,7 +453,10 @@ def prepare_split(
         bar.set_postfix_str(f"{written_images / elapsed:.0f} img/s written, {kept} shards kept")
 
     try:
-        if workers <= 1 or plan.num_shards == 1:
+        if runner is not None:
+            for item in runner(split_str, plan, output, split_dir, list(range(plan.num_shards))):
+                done(*item)
+        elif workers <= 1 or plan.num_shards == 1:
             for k in range(plan.num_shards):
                 done(k, *ensure_shard(dataset, plan, k, fs, split_dir))
         else:
@@ -509,6 +521,7 @@ def prepare_shards(
     rows_per_shard: int | None = None,
     shuffle_seed: int | None = 0,
     progress: bool = True,
+    runner: ShardRunner | None = None,
 ) -> dict[str, Any]:
     """Prepare every requested split, then write ``manifest.json`` (merged with splits already there).
 
@@ -523,7 +536,7 @@ def prepare_shards(
         )
     entries = {
         split: prepare_split(
-            dataset_str, split, output, shard_size_mb, workers, rows_per_shard, shuffle_seed, progress
+            dataset_str, split, output, shard_size_mb, workers, rows_per_shard, shuffle_seed, progress, runner
         )
         for split in splits
     }
