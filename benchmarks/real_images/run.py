@@ -8,6 +8,8 @@ random init, raw pixels; k-NN top-1 at k=20 on the fixed val split) the measures
 - ``teacher_cls_tau_eval``: the teacher's CLS output with the SEM softmax at tau=1e-5;
 - ``teacher_sem_raw_tau_train``: the raw simplex at the training tau;
 - ``teacher_avgpool`` / ``random_avgpool``: the mean normed patch token;
+- ``random_init_layernorm`` (``student.sem_norm=batch`` only): the random init with the reference's
+  LayerNorm SEM instead, a stricter baseline than a BatchNorm whose running statistics are (0, 1);
 - code usage on the val split: per simplex l, the number of vertices that are the argmax of at
   least one image, and the entropy ``H_l = -sum_v p_lv log2 p_lv`` of the argmax histogram p_l
   (bits, max log2 V); reported as means over the L simplices.
@@ -74,6 +76,12 @@ def measures(cfg, teacher: torch.nn.Module) -> dict:
         "teacher_avgpool": knn(teacher, "avgpool"),
         "random_avgpool": knn(random_init_backbone(cfg), "avgpool"),
     }
+    if getattr(teacher, "has_sem", False) and cfg.student.sem_norm == "batch":
+        # the BatchNorm's running statistics of a fresh model are (0, 1): also give the random init
+        # of the LayerNorm SEM, whose logits are normalised, as the stricter baseline
+        ln = cfg.copy()
+        ln.student.sem_norm = "layer"
+        out["random_init_layernorm"] = knn(random_init_backbone(ln), "cls")
     if getattr(teacher, "has_sem", False):
         tau = float(cfg.student.temp)
         out["teacher_sem_raw_tau_train"] = knn(teacher, "sem", sem_temp=tau)
