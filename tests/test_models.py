@@ -397,6 +397,7 @@ def _cfg(**student) -> object:
         V=0,
         temp=1.0,
         sem_variant="full",
+        sem_norm="layer",
     )
     cfg = OmegaConf.create({"student": {**base, **student}, "crops": {"global_crops_size": 56}})
     OmegaConf.set_struct(cfg, True)

@@ -48,7 +48,13 @@ def backbone_kwargs(student: Any) -> dict[str, Any]:
     L, V, temp = int(student["L"]), int(student["V"]), float(student["temp"])
     check_sem(L, V, temp, arch=str(student["arch"]))
     if L > 0:
-        kwargs.update(L=L, V=V, temp=temp, sem_variant=str(student["sem_variant"]))
+        kwargs.update(
+            L=L,
+            V=V,
+            temp=temp,
+            sem_variant=str(student["sem_variant"]),
+            sem_norm=str(student["sem_norm"]),
+        )
     return kwargs
 
 

@@ -20,6 +20,16 @@ Variants (``sem_variant``):
 - ``"pos_shared"`` (semlab's definition): ``"shared"`` plus a learned per-simplex position
   embedding ``sem_pos`` (L, view_dim) added to each view before the shared projection.
 
+Normalisation of the logits (``sem_norm_type``):
+
+- ``"layer"`` (default, the reference): LayerNorm over the L*V logits of each image, as above.
+- ``"batch"`` (the SEM paper's code, which puts BatchNorm1d after its embedder): each of the L*V
+  logits is standardised over the batch, ``z_j = gamma_j (a_j - mu_j) / sqrt(var_j + 1e-5) + beta_j``
+  with ``mu_j``, ``var_j`` the batch mean and variance of logit j (running averages, momentum 0.1, in
+  eval mode). Every vertex then has zero mean over the images, so an image-independent component of
+  the input cannot pick the same vertex for every image; a per-image LayerNorm leaves such a
+  component in place.
+
 The reference also defined ``sem_cls_norm``, which its forward never uses; semlab has no such
 module and the checkpoint loader drops those keys.
 
@@ -36,6 +46,7 @@ from torch import Tensor, nn
 from semlab.config.checks import check_sem
 
 SEM_VARIANTS = ("full", "shared", "pos_shared")
+SEM_NORMS = ("layer", "batch")
 
 
 class SEMMixin:
@@ -45,6 +56,7 @@ class SEMMixin:
     sem_V: int
     sem_temp: float
     sem_variant: str
+    sem_norm_type: str
 
     def _init_sem(
         self,
@@ -55,11 +67,14 @@ class SEMMixin:
         temp: float = 1.0,
         variant: str = "full",
         view_dim: int | None = None,
+        norm: str = "layer",
     ) -> None:
         check_sem(L, V, building=True)
         if variant not in SEM_VARIANTS:
             raise ValueError(f"unknown sem_variant {variant!r}; expected one of {SEM_VARIANTS}")
-        self.sem_L, self.sem_V, self.sem_variant = int(L), int(V), variant
+        if norm not in SEM_NORMS:
+            raise ValueError(f"unknown SEM norm {norm!r}; expected one of {SEM_NORMS}")
+        self.sem_L, self.sem_V, self.sem_variant, self.sem_norm_type = int(L), int(V), variant, norm
         self.set_sem_temp(temp)
         lv = self.sem_L * self.sem_V
         if variant == "full":
@@ -72,7 +87,7 @@ class SEMMixin:
             if variant == "pos_shared":
                 self.sem_pos = nn.Parameter(torch.zeros(1, self.sem_L, vd))
                 nn.init.trunc_normal_(self.sem_pos, std=0.02)
-        self.sem_norm = nn.LayerNorm(lv, eps=1e-6)
+        self.sem_norm = nn.LayerNorm(lv, eps=1e-6) if norm == "layer" else nn.BatchNorm1d(lv)
         self.sem_out = nn.Linear(lv, embed_dim, bias=False)
 
     @property
@@ -132,13 +147,17 @@ class SimplicialEmbedding(SEMMixin, nn.Module):
         temp: float = 1.0,
         variant: str = "full",
         view_dim: int | None = None,
+        norm: str = "layer",
     ):
         nn.Module.__init__(self)
         self.in_dim = in_dim
-        self._init_sem(in_dim, embed_dim, L, V, temp, variant, view_dim)
+        self._init_sem(in_dim, embed_dim, L, V, temp, variant, view_dim, norm)
 
     def forward(self, tokens: Tensor, temp: float | None = None) -> Tensor:
         return self.sem_project(tokens, temp)
 
     def extra_repr(self) -> str:
-        return f"L={self.sem_L}, V={self.sem_V}, temp={self.sem_temp}, variant={self.sem_variant!r}"
+        return (
+            f"L={self.sem_L}, V={self.sem_V}, temp={self.sem_temp}, variant={self.sem_variant!r}, "
+            f"norm={self.sem_norm_type!r}"
+        )

@@ -99,6 +99,7 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
         temp: float = 1.0,
         sem_variant: str = "full",
         sem_view_dim: int | None = None,
+        sem_norm: str = "layer",
     ):
         super().__init__()
         if depth < 1:
@@ -180,6 +181,7 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
                 temp,
                 sem_variant,
                 sem_view_dim,
+                sem_norm,
             )
 
     # ------------------------------------------------------------------ init

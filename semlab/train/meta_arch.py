@@ -141,7 +141,8 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, m: float) -> None:
-        """EMA: ``teacher = m * teacher + (1 - m) * student`` over matching parameters."""
+        """EMA: ``teacher = m * teacher + (1 - m) * student`` over matching parameters; BatchNorm running
+        statistics are copied from the student."""
         student_params: list[Tensor] = []
         teacher_params: list[Tensor] = []
         for key in self.student:
@@ -153,6 +154,12 @@ class SSLMetaArch(nn.Module):
             teacher_params += t_params
         torch._foreach_mul_(teacher_params, m)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - m)
+        # Buffers (BatchNorm running statistics of a ``student.sem_norm=batch`` SEM) are not averaged:
+        # the teacher, always in eval mode, normalises with the student's latest running statistics.
+        for key in self.student:
+            for (name, t_buf), s_buf in zip(self.teacher[key].named_buffers(), self.student[key].buffers()):
+                if "running_" in name:
+                    t_buf.copy_(s_buf)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
