@@ -138,3 +138,16 @@ def test_asha_sweep_stops_a_trial_records_mlflow_and_reruns_nothing(
     with open(out / "t_asha_trials.csv") as f:
         assert {r["trial"]: r["stop_reason"] for r in csv.DictReader(f)} == reasons
     assert len(client.search_runs([exp.experiment_id], "tags.`semlab.kind` = 'sweep'")) == 1
+
+
+def test_trial_names_and_a_changed_sweep_under_the_same_name_is_refused(tmp_path):
+    from semlab.orchestration.tune import check_same_sweep, trial_name
+
+    assert trial_name({"student.L": 8, "student.temp": 0.5}) == "L8_temp0.5"
+    assert trial_name({"student.temp": 0.123456}, "abc_00001") == "temp0.1235_abc_00001"
+    cfg = load_config("demo_tiny")
+    check_same_sweep(tmp_path, parse_sweep_spec(SWEEP, cfg))
+    check_same_sweep(tmp_path, parse_sweep_spec(SWEEP, cfg))  # the same sweep again: restored
+    changed = {**SWEEP, "search_space": {"student.temp": {"grid": [1.0, 0.2]}}}
+    with pytest.raises(SweepSpecError, match="give the changed sweep a new name"):
+        check_same_sweep(tmp_path, parse_sweep_spec(changed, cfg))

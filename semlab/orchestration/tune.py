@@ -211,7 +211,10 @@ def run_sweep(
     if seed is not None and search_alg is None:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=int(seed))
+        # a SearchAlgorithm of our own: Tune does not apply max_concurrent_trials to it, so pass it here
+        search_alg = BasicVariantGenerator(
+            random_state=int(seed), max_concurrent=int(spec.max_concurrent_trials)
+        )
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
