@@ -5,8 +5,9 @@
 
 Starts ``mlflow ui`` on a free port of 127.0.0.1 for the store, finds the newest sweep parent run
 (tag ``semlab.kind=sweep``, or ``--parent-run-id``) and its child runs, opens the UI's compare view
-of the children in Debian's ``chromium`` (``apt-get install chromium``) with ``--headless
---screenshot``, writes the PNG and stops the server it started.
+of the children (``--view chart``: the experiment's chart view) in Debian's ``chromium``
+(``apt-get install chromium``) with ``--headless --screenshot``, writes the PNG and stops the server
+it started.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", required=True, help="tracking URI, e.g. sqlite:///outputs/sweep_demo/mlflow.db")
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("--parent-run-id", default=None, help="the sweep's parent run (default: the newest)")
+    p.add_argument(
+        "--view",
+        choices=("compare", "chart"),
+        default="compare",
+        help="compare: the trials side by side; chart: the experiment's chart view",
+    )
     p.add_argument("--size", default="1600,1100", help="window size W,H")
     p.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to render")
     args = p.parse_args(argv)
@@ -98,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_for(f"{base}/health", 120)
         url = compare_url(base, args.store, args.parent_run_id)
+        if args.view == "chart":
+            experiment = json.loads(urllib.parse.parse_qs(url.split("?", 1)[1])["experiments"][0])[0]
+            url = f"{base}/#/experiments/{experiment}?compareRunsMode=CHART"
         output = Path(args.output).resolve()
         output.parent.mkdir(parents=True, exist_ok=True)
         flags = [

@@ -119,6 +119,8 @@ def test_asha_sweep_stops_a_trial_records_mlflow_and_reruns_nothing(
     by_name = {c.info.run_name: c for c in children}
     assert sorted(by_name) == ["temp0.1", "temp0.5", "temp1"]
     assert {n: c.data.tags["semlab.stop_reason"] for n, c in by_name.items()} == reasons
+    status = {"finished": "FINISHED", "early-stopped": "KILLED"}
+    assert {n: c.info.status for n, c in by_name.items()} == {n: status[r] for n, r in reasons.items()}
     best = [n for n, c in by_name.items() if c.data.tags["semlab.best_trial"] == "true"]
     assert best == [parent.data.tags["semlab.best_trial"]] == [rows[0]["trial"]]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -6,7 +6,8 @@
   space as params (``search.<key>`` = ``grid [8, 16]``...). The trials tag their runs
   ``mlflow.parentRunId`` = its id, so the MLflow UI nests them under it.
 - :func:`finish_sweep_parent` tags each child ``semlab.stop_reason`` (finished, early-stopped,
-  failed) and ``semlab.best_trial`` (true on the best one), and writes onto the parent the best
+  failed) and ``semlab.best_trial`` (true on the best one), ends the runs of stopped trials that the
+  scheduler killed while RUNNING (status KILLED), and writes onto the parent the best
   trial (``semlab.best_trial``, ``semlab.best_run_id``), the best value of the sweep metric under the
   metric's own name, and the results CSV and PNG as artifacts.
 
@@ -78,6 +79,9 @@ def finish_sweep_parent(run: RunLogger, rows: list[dict[str, Any]], metric: str,
         if row.get("error"):
             tags["semlab.error"] = str(row["error"])[:4000]
         run.set_tags(tags, run_id=child.info.run_id)
+        if child.info.status == "RUNNING":  # killed by the scheduler (or failed) before it could end its run
+            status = "KILLED" if row["stop_reason"] == "early-stopped" else "FAILED"
+            run._safe(lambda c=child, s=status: run.client.set_terminated(c.info.run_id, status=s))
     if best is not None:
         best_child = children.get(best["trial"])
         run.set_tags(
