@@ -81,7 +81,7 @@ def finish_sweep_parent(run: RunLogger, rows: list[dict[str, Any]], metric: str,
         run.set_tags(tags, run_id=child.info.run_id)
         if child.info.status == "RUNNING":  # killed by the scheduler (or failed) before it could end its run
             status = "KILLED" if row["stop_reason"] == "early-stopped" else "FAILED"
-            run._safe(lambda c=child, s=status: run.client.set_terminated(c.info.run_id, status=s))
+            run._safe(lambda c=child, s=status: _end_run(run, c.info.run_id, s, metric))
     if best is not None:
         best_child = children.get(best["trial"])
         run.set_tags(
@@ -92,3 +92,10 @@ def finish_sweep_parent(run: RunLogger, rows: list[dict[str, Any]], metric: str,
         run.log_artifact(path)
     run.flush()
     run.terminate("FINISHED")
+
+
+def _end_run(run: RunLogger, run_id: str, status: str, metric: str) -> None:
+    """End a run left RUNNING, at the time of its last ``metric`` value (when it stopped), not now."""
+    history = run.client.get_metric_history(run_id, metric_key(metric))
+    end_ms = max((m.timestamp for m in history), default=None)
+    run.client.set_terminated(run_id, status=status, end_time=end_ms)
