@@ -37,6 +37,19 @@ def ray_session(start: Callable[[str], object], prefix: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def small_local_ray(prefix: str) -> Iterator[None]:
+    """A private 2-CPU Ray in this process (no dashboard, 300 MB object store), via :func:`ray_session`."""
+
+    def start(temp_dir: str) -> None:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, _temp_dir=temp_dir)
+
+    with ray_session(start, prefix):
+        yield
+
+
 def proc_table() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process visible in /proc (Linux)."""
     table = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_session import proc_table, ray_session
+from ray_session import proc_table, small_local_ray
 from synthetic_batches import TINY_SSL_48
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -57,12 +57,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    def start(temp_dir: str) -> None:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, _temp_dir=temp_dir)
-
-    with ray_session(start, "semlab-rt-"):
+    with small_local_ray("semlab-rt-"):
         yield
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_session import ray_session
+from ray_session import small_local_ray
 from synthetic_batches import TINY_SSL_48
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -48,12 +48,7 @@ WORKTREE = str(Path(__file__).resolve().parents[1])
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    def start(temp_dir: str) -> None:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, _temp_dir=temp_dir)
-
-    with ray_session(start, "semlab-dcp-"):
+    with small_local_ray("semlab-dcp-"):
         yield
 
 
