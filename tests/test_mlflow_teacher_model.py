@@ -7,6 +7,7 @@ linked to it, downloads the checkpoint and loads it into a fresh teacher backbon
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,9 @@ def test_system_metrics_sample_cpu_memory_and_process():
     from semlab.tracking.system_metrics import SystemMetrics
 
     sampler = SystemMetrics()
-    sum(i * i for i in range(200_000))  # some CPU time between the two samples
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.25:  # CPU time across several 10-ms /proc/stat ticks
+        sum(i * i for i in range(20_000))
     first = sampler.sample()
     assert 0.0 <= first["system/cpu_percent"] <= 100.0
     assert 0.0 < first["system/memory_percent"] < 100.0 and first["system/memory_used_gb"] > 0
