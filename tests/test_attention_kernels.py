@@ -81,7 +81,9 @@ def test_packed_batch_subset_drop_path_equals_per_size_with_the_same_subsets(mon
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     # the subsets really were used: with other subsets the outputs differ
-    monkeypatch.setattr(layers, "sample_subset", lambda b, r, d: torch.arange(layers.subset_size(b, r), device=d))
+    monkeypatch.setattr(
+        layers, "sample_subset", lambda b, r, d: torch.arange(layers.subset_size(b, r), device=d)
+    )
     other, _ = outputs_and_grads(tiny_vit(0.3, pack_crops=True).train(), xs, masks)
     assert not torch.allclose(other[0], out[0])
 

@@ -137,7 +137,8 @@ def document_block_mask(lengths: Sequence[int], device: torch.device | str) -> A
     kv_num, kv_idx = as_tensors(partial)
     full_num, full_idx = as_tensors(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=same_document, seq_lengths=(total, total)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=same_document,
+        seq_lengths=(total, total),
     )
 
 
