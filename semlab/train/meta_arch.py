@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from semlab.config.checks import check_initial_weights
+from semlab.data.pipeline.normalize import to_device_normalized
 from semlab.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from semlab.models import DINOHead, build_model_from_cfg
 from semlab.train.checkpointing import load_initial_weights
@@ -205,8 +206,8 @@ class SSLMetaArch(nn.Module):
         return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
 
     def _batch_to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        device = self.device
-        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        """The batch on the model's device; uint8 crops (``data.normalize_on_device``) normalised there."""
+        return to_device_normalized(batch, self.device)
 
     def forward_backward(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, Tensor]:
         """One DINOv2 step on a collated batch (see the module doc); runs ``backward`` on the total.
