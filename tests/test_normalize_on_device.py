@@ -34,7 +34,9 @@ def photo_jpeg(w: int = 500, h: int = 375) -> bytes:
     return buf.getvalue()
 
 
-def test_uint8_crops_normalised_equal_the_float_crops():
+def test_uint8_crops_normalised_equal_the_float_crops(monkeypatch):
+    # PIL's process-wide pixel limit is lowered by other tests' loaders (data.max_image_pixels): reset it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 178956970)
     data = photo_jpeg()
     float_aug = DataAugmentationDINO(local_crops_size=98, local_crops_number=8)
     uint8_aug = DataAugmentationDINO(local_crops_size=98, local_crops_number=8, emit_uint8=True)
