@@ -398,6 +398,8 @@ def _cfg(**student) -> object:
         temp=1.0,
         sem_variant="full",
         sem_norm="layer",
+        attention="sdpa",
+        pack_crops=False,
     )
     cfg = OmegaConf.create({"student": {**base, **student}, "crops": {"global_crops_size": 56}})
     OmegaConf.set_struct(cfg, True)

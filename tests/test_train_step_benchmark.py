@@ -38,6 +38,22 @@ def test_train_step_benchmark_cpu_smoke(fsdp: bool) -> None:
 
 
 @pytest.mark.slow
+def test_train_step_benchmark_checks_variants_against_eager() -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu"]
+    cmd += ["--config-file", "train/demo_tiny", "--batch", "2", "--warmup", "1", "--steps", "1", *TINY_SSL_48]
+    cmd += ["--variants", "eager,chunked-ce,packed-sdpa,compile,flex", "--compile-backend", "aot_eager"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| variant | images/s | MFU |" in out.stdout
+    variants = {r["variant"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])["variants"]}
+    assert variants["eager"]["is_reference"] is True
+    for name in ("chunked-ce", "packed-sdpa", "compile"):
+        assert variants[name]["check_ok"] is True and variants[name]["grad_err"] < 1e-3, variants[name]
+    assert variants["flex"]["status"].startswith("skipped")  # no CPU backward
+
+
+@pytest.mark.slow
 def test_train_step_benchmark_refuses_cuda_without_gpu() -> None:
     pytest.importorskip("torch")
     import torch
@@ -47,3 +63,17 @@ def test_train_step_benchmark_refuses_cuda_without_gpu() -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--config-file", "train/demo_tiny"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode != 0 and "--device cpu" in out.stderr
+
+
+def test_flops_estimate_matches_the_reference_count_for_the_recipe() -> None:
+    """benchmarks/flops.py's analytic count is within 2% of the reference profiler's 2.197 TFLOP/image,
+    and scales with the model (ViT-S is far cheaper), so MFU for other archs is a fair estimate."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flops import tflop_per_image
+
+    from semlab.config import load_config
+
+    recipe = load_config("train/vitl14_sem_L512", ["MODEL.pretrained_backbone="])
+    assert abs(tflop_per_image(recipe) - 2.197) / 2.197 < 0.02
+    small = load_config("train/vitl14_sem_L512", ["MODEL.pretrained_backbone=", "student.arch=vit_small_sem"])
+    assert tflop_per_image(small) < tflop_per_image(recipe) / 4

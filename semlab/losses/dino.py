@@ -14,6 +14,10 @@ How the reference training step calls it (and the golden file reproduces):
 - global crops: ``forward([s_glob], [swap(t)])`` where ``swap`` exchanges the two crop chunks of the
   teacher batch (``cat(t2, t1)``), so student crop 1 is matched to teacher crop 2 and vice versa; this
   equals ``(CE(s1, t2) + CE(s2, t1)) / 2``, and the training step multiplies it by 2 (``loss_scales``).
+
+With ``chunk_rows`` > 0 the cross-entropy is computed in row blocks (:mod:`semlab.losses.chunked_ce`),
+and the teacher chunks are summed first: ``sum_t mean_rows(t . log p) = mean_rows((sum_t t) . log p)``
+(linearity in ``t``), so each student chunk's softmax is computed once, not once per teacher chunk.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semlab.losses.centering import TeacherCentering, sinkhorn_knopp_teacher, softmax_center_teacher
+from semlab.losses.chunked_ce import soft_cross_entropy_rows
 
 __all__ = ["DINOLoss"]
 
@@ -32,7 +37,9 @@ __all__ = ["DINOLoss"]
 class DINOLoss(TeacherCentering):
     """DINO cross-entropy with a (1, out_dim) EMA ``center`` buffer for softmax centering."""
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, chunk_rows: int = 0
+    ) -> None:
         if out_dim < 1:
             raise ValueError(f"DINOLoss: out_dim (number of prototypes) must be >= 1, got {out_dim}")
         if not student_temp > 0:
@@ -40,6 +47,7 @@ class DINOLoss(TeacherCentering):
         super().__init__((1, out_dim), center_momentum)
         self.out_dim = out_dim
         self.student_temp = float(student_temp)
+        self.chunk_rows = int(chunk_rows)  # > 0: chunked cross-entropy (same value, less memory)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
@@ -79,6 +87,11 @@ class DINOLoss(TeacherCentering):
                         "both be (images, K) with the same shape; chunk the crop batches per crop"
                     )
         total = torch.zeros((), device=student_output_list[0].device)
+        if self.chunk_rows > 0:
+            t_sum = torch.stack(list(teacher_out_softmaxed_centered_list)).sum(dim=0)
+            for s in student_output_list:
+                total = total - soft_cross_entropy_rows(s, t_sum, self.student_temp, self.chunk_rows).mean()
+            return total
         for s in student_output_list:
             log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
             for t in teacher_out_softmaxed_centered_list:

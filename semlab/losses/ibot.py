@@ -26,6 +26,7 @@ from semlab.losses.centering import (
     sinkhorn_knopp_teacher,
     softmax_center_teacher,
 )
+from semlab.losses.chunked_ce import soft_cross_entropy_rows
 from semlab.utils.distributed import is_enabled
 
 __all__ = ["iBOTPatchLoss", "masked_patch_weights"]
@@ -41,7 +42,9 @@ def masked_patch_weights(student_masks_flat: Tensor) -> Tensor:
 class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (the reference's name)
     """iBOT patch cross-entropy with a (1, 1, patch_out_dim) EMA ``center`` buffer."""
 
-    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    def __init__(
+        self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9, chunk_rows: int = 0
+    ) -> None:
         if patch_out_dim < 1:
             raise ValueError(f"iBOTPatchLoss: patch_out_dim must be >= 1, got {patch_out_dim}")
         if not student_temp > 0:
@@ -49,6 +52,7 @@ class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (the reference's name)
         super().__init__((1, 1, patch_out_dim), center_momentum)
         self.patch_out_dim = patch_out_dim
         self.student_temp = float(student_temp)
+        self.chunk_rows = int(chunk_rows)  # > 0: chunked cross-entropy (semlab.losses.chunked_ce)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_patch_tokens: Tensor, teacher_temp: float) -> Tensor:
@@ -98,6 +102,8 @@ class iBOTPatchLoss(TeacherCentering):  # noqa: N801 (the reference's name)
         self._start_update(x.float().mean(dim=1).sum(dim=0, keepdim=True), x.shape[0])
 
     def _patch_ce(self, s: Tensor, t: Tensor) -> Tensor:
+        if s.dim() == 2 and self.chunk_rows > 0:
+            return soft_cross_entropy_rows(s, t, self.student_temp, self.chunk_rows)
         return torch.sum(t * F.log_softmax(s.float() / self.student_temp, dim=-1), dim=-1)
 
     def forward(

@@ -41,6 +41,8 @@ def backbone_kwargs(student: Any) -> dict[str, Any]:
         "num_register_tokens": int(student["num_register_tokens"]),
         "interpolate_antialias": bool(student["interpolate_antialias"]),
         "interpolate_offset": float(student["interpolate_offset"]),
+        "attention": str(student["attention"]),
+        "pack_crops": bool(student["pack_crops"]),
     }
     for key in _OVERRIDABLE:
         if student[key] is not None:

@@ -12,8 +12,6 @@ block rather than once per crop batch.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,22 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semlab.models.attention import PackedLayout, attend, attend_packed, check_kernel
+
 TensorOrList = Tensor | list[Tensor]
-
-
-@functools.lru_cache(maxsize=1)
-def _xformers_ops() -> Any | None:
-    """``xformers.ops`` when it is installed and not disabled by ``XFORMERS_DISABLED``, else None.
-
-    Imported lazily (only once a CUDA tensor reaches an attention layer), never on CPU runs.
-    """
-    if os.environ.get("XFORMERS_DISABLED"):
-        return None
-    try:
-        import xformers.ops as xops  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return xops
 
 
 def _map(fn: Callable[[Tensor], Tensor], x: TensorOrList) -> TensorOrList:
@@ -74,9 +59,9 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention: ``proj(softmax(q k^T / sqrt(d_h)) v)`` with fused ``qkv``.
 
-    Uses xFormers' ``memory_efficient_attention`` when xFormers is importable and the input is on
-    CUDA, otherwise ``torch.nn.functional.scaled_dot_product_attention`` (which picks flash /
-    memory-efficient / math kernels itself). All paths compute the same function.
+    ``kernel`` is ``sdpa`` | ``flex`` | ``xformers`` (:mod:`semlab.models.attention`); all compute the
+    same function. With a :class:`PackedLayout` the input is a packed (1, T, D) sequence of several
+    crop batches and attention stays inside each crop (block-diagonal).
     """
 
     def __init__(
@@ -87,6 +72,7 @@ class Attention(nn.Module):
         proj_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        kernel: str = "sdpa",
     ):
         super().__init__()
         if dim % num_heads != 0:
@@ -95,24 +81,24 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = attn_drop
+        self.kernel = check_kernel(kernel)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _attend(self, x: Tensor) -> Tensor:
+    def _attend(self, x: Tensor, layout: PackedLayout | None = None) -> Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, d_h)
         dropout_p = self.attn_drop if self.training else 0.0
-        xops = _xformers_ops() if x.is_cuda else None
-        if xops is not None:
-            q, k, v = qkv.unbind(2)  # (B, N, H, d_h) each
-            out = xops.memory_efficient_attention(q, k, v, p=dropout_p)
+        if layout is None:
+            out = attend(q, k, v, self.kernel, dropout_p)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d_h) each
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p).transpose(1, 2)
+            out = attend_packed(q, k, v, layout, dropout_p)
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
 
-    def forward(self, x: TensorOrList) -> TensorOrList:
+    def forward(self, x: TensorOrList, layout: PackedLayout | None = None) -> TensorOrList:
+        if layout is not None:
+            return self._attend(x, layout)  # type: ignore[arg-type]
         return _map(self._attend, x)
 
 
@@ -241,12 +227,32 @@ def drop_add_residual_stochastic_depth(
     ``B / subset``; the other samples pass through unchanged. Used by :class:`Block` in training when
     the drop rate exceeds 0.1, where the saved compute outweighs the gather/scatter.
     """
+    keep = sample_subset(x.shape[0], sample_drop_ratio, x.device)
+    return _add_subset_residual(x, keep, residual_func(x[keep]))
+
+
+def subset_size(b: int, sample_drop_ratio: float) -> int:
+    """How many of ``b`` samples get the residual in the batch-subset stochastic depth."""
+    return max(int(b * (1.0 - sample_drop_ratio)), 1)
+
+
+def sample_subset(b: int, sample_drop_ratio: float, device: torch.device) -> Tensor:
+    """The random samples (indices) that get the residual: the first ``subset_size`` of a permutation."""
+    return torch.randperm(b, device=device)[: subset_size(b, sample_drop_ratio)]
+
+
+def _add_subset_residual(x: Tensor, keep: Tensor, residual: Tensor) -> Tensor:
+    """``x[keep] += residual * B / |keep|``, out of place."""
     b = x.shape[0]
-    subset = max(int(b * (1.0 - sample_drop_ratio)), 1)
-    keep = torch.randperm(b, device=x.device)[:subset]
-    residual = residual_func(x[keep])
-    out = torch.index_add(x.flatten(1), 0, keep, residual.to(dtype=x.dtype).flatten(1), alpha=b / subset)
+    out = torch.index_add(
+        x.flatten(1), 0, keep, residual.to(dtype=x.dtype).flatten(1), alpha=b / keep.shape[0]
+    )
     return out.view_as(x)
+
+
+def segments_of(xs: list[Tensor]) -> tuple[tuple[int, int], ...]:
+    """(batch, tokens) of each crop batch: the key of its :class:`PackedLayout`."""
+    return tuple((int(x.shape[0]), int(x.shape[1])) for x in xs)
 
 
 FFN_LAYERS = ("mlp", "swiglufused", "swiglu", "identity")
@@ -289,11 +295,18 @@ class Block(nn.Module):
         act_layer: Callable[..., nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         ffn_layer: str = "mlp",
+        attention: str = "sdpa",
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(
-            dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=drop
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            kernel=attention,
         )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -319,8 +332,49 @@ class Block(nn.Module):
         x = x + self._attn_residual(x)
         return x + self._ffn_residual(x)
 
-    def forward(self, x: TensorOrList) -> TensorOrList:
+    def forward(self, x: TensorOrList, layouts: dict[Any, PackedLayout] | None = None) -> TensorOrList:
+        """One tensor, a list of crop batches one by one, or (``layouts`` given) a list of crop
+        batches packed into one sequence (:meth:`_forward_packed`)."""
+        if layouts is not None and isinstance(x, list):
+            return self._forward_packed(x, layouts)
         return _map(self._forward, x)
+
+    def packed_segments(self, segments: tuple[tuple[int, int], ...]) -> set[tuple[tuple[int, int], ...]]:
+        """The packed layouts this block needs for crop batches ``segments`` in training: the full one,
+        and with the batch-subset stochastic depth the one of the sample subsets."""
+        needed = {segments}
+        if self.sample_drop_ratio > 0.1:
+            needed.add(tuple((subset_size(b, self.sample_drop_ratio), n) for b, n in segments))
+        return needed
+
+    def _forward_packed(self, xs: list[Tensor], layouts: dict[Any, PackedLayout]) -> list[Tensor]:
+        """The block on packed crop batches: every linear layer runs once on the (1, T, D) sequence,
+        attention stays block diagonal; stochastic depth acts per crop as in :meth:`_forward`."""
+
+        def attn_res(x: Tensor, layout: PackedLayout) -> Tensor:
+            return self.ls1(self.attn(self.norm1(x), layout))
+
+        def ffn_res(x: Tensor, layout: PackedLayout) -> Tensor:
+            return self.ls2(self.mlp(self.norm2(x)))
+
+        if self.training and self.sample_drop_ratio > 0.1:
+            for residual in (attn_res, ffn_res):
+                keeps = [sample_subset(x.shape[0], self.sample_drop_ratio, x.device) for x in xs]
+                subsets = [x[k] for x, k in zip(xs, keeps)]
+                layout = layouts[segments_of(subsets)]
+                outs = layout.unpack(residual(layout.pack(subsets), layout))
+                xs = [_add_subset_residual(x, k, r) for x, k, r in zip(xs, keeps, outs)]
+            return xs
+        layout = layouts[segments_of(xs)]
+        if self.training and self.sample_drop_ratio > 0.0:
+            for residual, drop in ((attn_res, self.drop_path1), (ffn_res, self.drop_path2)):
+                outs = layout.unpack(residual(layout.pack(xs), layout))
+                xs = [x + drop(r) for x, r in zip(xs, outs)]
+            return xs
+        x = layout.pack(xs)
+        x = x + attn_res(x, layout)
+        x = x + ffn_res(x, layout)
+        return layout.unpack(x)
 
 
 class BlockChunk(nn.ModuleList):
@@ -331,9 +385,9 @@ class BlockChunk(nn.ModuleList):
     0..5 and blocks 6..11, giving state-dict keys ``blocks.1.6.`` ... ``blocks.1.11.``.
     """
 
-    def forward(self, x: TensorOrList) -> TensorOrList:
+    def forward(self, x: TensorOrList, layouts: dict[Any, PackedLayout] | None = None) -> TensorOrList:
         for block in self:
-            x = block(x)
+            x = block(x) if isinstance(block, nn.Identity) else block(x, layouts=layouts)
         return x
 
     def real_blocks(self) -> list[nn.Module]:

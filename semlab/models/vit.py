@@ -8,6 +8,7 @@ so that its configs map one to one. This file knows nothing of FSDP, compile or 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semlab.config.checks import check_sem
-from semlab.models.layers import FFN_LAYERS, Block, BlockChunk, PatchEmbed
+from semlab.models.attention import PackedLayout, check_kernel, make_layout
+from semlab.models.layers import FFN_LAYERS, Block, BlockChunk, PatchEmbed, segments_of
 from semlab.models.sem import SEMMixin
 
 TensorOrList = Tensor | list[Tensor]
@@ -53,6 +55,12 @@ def interpolate_patch_pos_embed(
     return grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_layout(segments: tuple[tuple[int, int], ...], kernel: str, device: torch.device) -> PackedLayout:
+    """Layouts depend only on the crop batch shapes, which stay the same from step to step."""
+    return make_layout(segments, kernel, device)
+
+
 def _init_linear(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
@@ -72,6 +80,9 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
     reference does for FSDP. ``drop_path_uniform`` gives every block ``drop_path_rate``, otherwise the
     rate grows linearly from 0 to ``drop_path_rate``. ``init_values`` (LayerScale) of None/0 disables
     LayerScale. ``ffn_layer`` is one of ``"mlp" | "swiglufused" | "swiglu" | "identity"``.
+    ``attention`` is the attention kernel (``sdpa`` | ``flex`` | ``xformers``) and ``pack_crops`` runs a
+    list of crop batches as one packed sequence with block-diagonal attention
+    (:mod:`semlab.models.attention`); neither changes the function computed.
     """
 
     def __init__(
@@ -100,6 +111,8 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
         sem_variant: str = "full",
         sem_view_dim: int | None = None,
         sem_norm: str = "layer",
+        attention: str = "sdpa",
+        pack_crops: bool = False,
     ):
         super().__init__()
         if depth < 1:
@@ -120,6 +133,8 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
         self.num_register_tokens = num_register_tokens
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
+        self.attention = check_kernel(attention)
+        self.pack_crops = bool(pack_crops)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -146,6 +161,7 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
                 act_layer=nn.GELU,
                 ffn_layer=ffn_layer,
                 init_values=init_values,
+                attention=attention,
             )
             for i in range(depth)
         ]
@@ -277,9 +293,20 @@ class DinoVisionTransformer(SEMMixin, nn.Module):
         if len(masks_list) != len(x_list):
             raise ValueError(f"{len(x_list)} crop batches but {len(masks_list)} masks")
         tokens: list[Tensor] = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        layouts = self._packed_layouts(tokens) if self.pack_crops and len(tokens) > 1 else None
         for blk in self.blocks:
-            tokens = blk(tokens)
+            tokens = blk(tokens) if layouts is None else blk(tokens, layouts=layouts)
         return [self._outputs(t, m) for t, m in zip(tokens, masks_list)]
+
+    def _packed_layouts(self, tokens: list[Tensor]) -> dict[Any, PackedLayout]:
+        """Every packed layout (and its attention mask) the blocks will ask for, built once per forward
+        outside the blocks: the crop batches' own, and those of the stochastic-depth sample subsets."""
+        segments = segments_of(tokens)
+        needed: set[Any] = {segments}
+        if self.training:
+            for blk in self.iter_blocks():
+                needed |= blk.packed_segments(segments)
+        return {segs: _cached_layout(segs, self.attention, tokens[0].device) for segs in needed}
 
     def forward_features(
         self, x: TensorOrList, masks: Tensor | Sequence[Tensor | None] | None = None

@@ -7,6 +7,7 @@ For ``it`` in ``[start, max_iter)``, with ``max_iter = optim.epochs * OFFICIAL_E
     lr, wd, mom, T_t, lr_last = schedules[it]      # per group: lr * lr_mult, wd * wd_mult
     zero_grad; losses = model.forward_backward(batch, T_t)     # backward inside
     losses all-reduced for logging (mean over ranks); non-finite total -> NonFiniteLossError
+      (train.sync_free_step: checked on the device, read at log periods and before checkpoints)
     clip_grad_norm_(each student module, optim.clip_grad); optimizer.step()
     model.update_teacher(mom)
     (it + 1) % eval_period == 0     -> eval/training_<it>/teacher_checkpoint.pth
@@ -52,6 +53,7 @@ from semlab.train.param_groups import apply_optim_schedule, build_optimizer
 from semlab.train.progress import eta_seconds, log_progress
 from semlab.train.reporting import Reporter
 from semlab.train.schedules import build_schedules
+from semlab.train.sync_free import DeviceStepStats, FiniteWatch
 from semlab.utils import distributed
 from semlab.utils.atomic import atomic_write_text
 
@@ -122,19 +124,26 @@ class MetricsLog:
             os.close(fd)
 
 
-def _reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean over ranks of each loss part (one all-reduce), as Python floats."""
+def _reduce_losses_on_device(loss_dict: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """(sorted keys, stacked values): each loss part's mean over ranks (one all-reduce), on the device."""
     keys = sorted(loss_dict)
     values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in keys])
     if distributed.get_world_size() > 1:
         torch.distributed.all_reduce(values)
         values /= distributed.get_world_size()
+    return keys, values
+
+
+def _reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over ranks of each loss part (one all-reduce), as Python floats."""
+    keys, values = _reduce_losses_on_device(loss_dict)
     return dict(zip(keys, values.cpu().tolist()))
 
 
-def clip_student_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip each student module's gradient norm separately (as the reference); return the total norm."""
-    sq = 0.0
+def student_gradient_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip each student module's gradient norm separately (as the reference); the total norm
+    ``sqrt(sum_m norm_m^2)`` as a 0-d device tensor (no host sync)."""
+    squares = []
     for module in model.student.values():
         params = [p for p in module.parameters() if p.grad is not None]
         if not params:
@@ -145,8 +154,15 @@ def clip_student_gradients(model: torch.nn.Module, max_norm: float) -> float:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
-        sq += float(norm) ** 2
-    return math.sqrt(sq)
+        squares.append(norm.float().reshape(()) ** 2)
+    if not squares:
+        return torch.zeros(())
+    return torch.stack(squares).sum().sqrt()
+
+
+def clip_student_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """:func:`student_gradient_norm` as a Python float."""
+    return float(student_gradient_norm(model, max_norm))
 
 
 def train_step(
@@ -172,6 +188,27 @@ def train_step(
     optimizer.step()
     model.update_teacher(sched["mom"])
     return losses, grad_norm
+
+
+def train_step_sync_free(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    sched: dict[str, float],
+    clip_grad: float,
+) -> DeviceStepStats:
+    """:func:`train_step` without host syncs (``train.sync_free_step``, :mod:`semlab.train.sync_free`):
+    losses, grad norm and the finiteness flag stay on the device; the caller checks the flag later,
+    so the optimizer steps whatever the loss."""
+    apply_optim_schedule(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+    optimizer.zero_grad(set_to_none=True)
+    loss_dict = model.forward_backward(batch, teacher_temp=sched["teacher_temp"])
+    keys, values = _reduce_losses_on_device(loss_dict)
+    finite = torch.isfinite(values).all()
+    grad_norm = student_gradient_norm(model, clip_grad)
+    optimizer.step()
+    model.update_teacher(sched["mom"])
+    return DeviceStepStats(dict(zip(keys, values.unbind(0))), grad_norm, finite)
 
 
 class ThroughputWindow:
@@ -307,6 +344,7 @@ def do_train(
         output_dir.mkdir(parents=True, exist_ok=True)
         metrics_log = MetricsLog(output_dir / METRICS_FILE, start)
     window, eval_paths, losses = ThroughputWindow(), [], {}
+    sync_free, watch = bool(cfg.train.sync_free_step), FiniteWatch()
     bar = tqdm(
         total=max_iter, initial=start, disable=not _show_progress(), desc="pretrain", dynamic_ncols=True
     )
@@ -317,21 +355,33 @@ def do_train(
             batch = next(batches)
             t_data = time.perf_counter() - t0
             sched = schedules.at(it)
-            try:
-                losses, grad_norm = train_step(model, optimizer, batch, sched, clip)
-            except NonFiniteLossError as exc:
-                raise NonFiniteLossError(it, exc.losses, last_ckpt) from None
+            due_log = is_due(it, log_period) or it == max_iter - 1
+            due_ckpt = is_due(it, eval_period) or is_due(it, ckpt_period) or it == max_iter - 1
+            if sync_free:
+                stats = train_step_sync_free(model, optimizer, batch, sched, clip)
+                watch.add(it, stats)
+                if due_log or due_ckpt:  # the deferred finiteness check: one sync per period
+                    bad = watch.first_bad()
+                    if bad is not None:
+                        raise NonFiniteLossError(bad[0], bad[1], last_ckpt)
+                    if due_log:
+                        losses, grad_norm = stats.to_host()
+            else:
+                try:
+                    losses, grad_norm = train_step(model, optimizer, batch, sched, clip)
+                except NonFiniteLossError as exc:
+                    raise NonFiniteLossError(it, exc.losses, last_ckpt) from None
             images = int(batch["collated_global_crops"].shape[0] // 2) * world
             window.add(images, time.perf_counter() - t0, t_data)
             bar.update(1)
-            if is_due(it, log_period) or it == max_iter - 1:
+            if due_log:
                 record = window.record(it, losses, sched, grad_norm, max_iter)
                 if is_main:
                     metrics_log.append(record)
                     log_progress(record, max_iter)
                 reporter.on_metrics(it, record)  # rank 0, or every rank for an all-ranks reporter
                 bar.set_postfix(loss=f"{losses['total']:.3f}", lr=f"{sched['lr']:.2e}")
-            if is_due(it, eval_period) or is_due(it, ckpt_period) or it == max_iter - 1:
+            if due_ckpt:
                 problem = model_problem(model, limit)  # a checkpoint is written only of a healthy model
                 if problem is not None:
                     raise DivergedModelError(it, problem, last_ckpt)

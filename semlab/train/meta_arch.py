@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from semlab.config.checks import check_initial_weights
+from semlab.data.pipeline.normalize import to_device_normalized
 from semlab.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from semlab.models import DINOHead, build_model_from_cfg
 from semlab.train.checkpointing import load_initial_weights
@@ -95,9 +96,10 @@ class SSLMetaArch(nn.Module):
         self.student = nn.ModuleDict(student)
         self.teacher = nn.ModuleDict(teacher)
 
-        self.dino_loss = DINOLoss(int(cfg.dino.head_n_prototypes))
+        chunk_rows = int(cfg.train.loss_chunk_rows)
+        self.dino_loss = DINOLoss(int(cfg.dino.head_n_prototypes), chunk_rows=chunk_rows)
         ibot_dim = int(cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes)
-        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim, chunk_rows=chunk_rows)
         self.koleo_loss = KoLeoLoss()
 
         check_initial_weights(cfg)
@@ -204,8 +206,8 @@ class SSLMetaArch(nn.Module):
         return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
 
     def _batch_to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        device = self.device
-        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        """The batch on the model's device; uint8 crops (``data.normalize_on_device``) normalised there."""
+        return to_device_normalized(batch, self.device)
 
     def forward_backward(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, Tensor]:
         """One DINOv2 step on a collated batch (see the module doc); runs ``backward`` on the total.
@@ -281,12 +283,12 @@ class SSLMetaArch(nn.Module):
         parts: dict[str, Tensor] = {}
         total = torch.zeros((), device=self.device)
         if s_loc_logits is not None:
-            dino_local = self.dino_loss(s_loc_logits.float().chunk(n_local), list(dino_t)) * dino_loss_scale
+            dino_local = self.dino_loss(s_loc_logits.chunk(n_local), list(dino_t)) * dino_loss_scale
             parts["dino_local_crops_loss"] = dino_local
             total = total + self.dino_loss_weight * dino_local
         if self.do_dino:
             dino_global = (
-                self.dino_loss([s_glob_logits.float()], [dino_t.flatten(0, 1)])
+                self.dino_loss([s_glob_logits], [dino_t.flatten(0, 1)])
                 * loss_scales
                 * dino_loss_scale
             )
@@ -301,7 +303,7 @@ class SSLMetaArch(nn.Module):
         if self.do_ibot and s_ibot_logits is not None and ibot_t is not None and n_masked > 0:
             ibot = (
                 self.ibot_patch_loss.forward_masked(
-                    s_ibot_logits.float(),
+                    s_ibot_logits,
                     ibot_t,
                     student_masks_flat=masks,
                     n_masked_patches=n_masked,

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from semlab.train.speed import apply_speed_options
 from semlab.utils.distributed import get_world_size
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,9 @@ def parallelize(
 ) -> nn.Module:
     """Move ``meta_arch`` to ``device`` and make it data parallel over the default process group.
 
-    Returns the same object (modified in place). Call it before building the optimizer. No-op
+    Returns the same object (modified in place). Call it before building the optimizer. The speed
+    options of ``cfg`` (activation checkpointing, regional compile: :mod:`semlab.train.speed`) are
+    applied first, so that FSDP2 wraps the wrapped blocks. Otherwise a no-op
     beyond the move when there is no process group or a single rank, unless ``force_shard`` (with
     a one-rank process group): then FSDP2 wraps the model anyway, so that the sharded path (bf16
     parameters, DTensor clipping and EMA) can be exercised on a single GPU.
@@ -217,6 +220,7 @@ def parallelize(
     _check_meta_arch(meta_arch)
     device = torch.device(device)
     meta_arch.to(device)
+    apply_speed_options(meta_arch, cfg)  # checkpointing and compile wrap the blocks before FSDP2 does
     world = get_world_size()
     if force_shard and not (dist.is_available() and dist.is_initialized()):
         raise ParallelError(

@@ -127,10 +127,14 @@ def get_param_groups(student: nn.ModuleDict, cfg: DictConfig) -> list[dict[str, 
 
 
 def build_optimizer(param_groups: list[dict[str, Any]], cfg: DictConfig) -> torch.optim.AdamW:
-    """AdamW over the groups; lr and weight decay are set every step by ``apply_optim_schedule``."""
+    """AdamW over the groups; lr and weight decay are set every step by ``apply_optim_schedule``.
+
+    ``optim.fused``: AdamW's fused kernel (one kernel for all parameters of a device and dtype, CUDA or
+    CPU) instead of torch's default multi-tensor ``foreach`` one; same update rule."""
     torch_groups = [{"params": g["params"], **{k: g[k] for k in FUSE_KEYS}} for g in param_groups]
     betas = (float(cfg.optim.adamw_beta1), float(cfg.optim.adamw_beta2))
-    return torch.optim.AdamW(torch_groups, lr=0.0, weight_decay=0.0, betas=betas)
+    fused = True if bool(cfg.optim.fused) else None  # None: torch's default choice (today's behaviour)
+    return torch.optim.AdamW(torch_groups, lr=0.0, weight_decay=0.0, betas=betas, fused=fused)
 
 
 def apply_optim_schedule(

@@ -303,8 +303,9 @@ class DataAugmentationDINO:
 
     ``__call__(image, rng=None)`` takes a PIL image or encoded bytes and returns ``{"global_crops": [2 x
     (3, G, G)], "local_crops": [n x (3, l, l)], "global_crops_teacher": the same 2 global tensors}``,
-    float32, normalised with the ImageNet mean/std. ``rng`` (seed, ``numpy.random.Generator`` or
-    ``random.Random``) makes the crops reproducible; None draws fresh entropy.
+    float32, normalised with the ImageNet mean/std (``emit_uint8``: the uint8 pixels before the
+    normalisation, for :mod:`semlab.data.pipeline.normalize` to finish on the device). ``rng`` (seed,
+    ``numpy.random.Generator`` or ``random.Random``) makes the crops reproducible; None draws fresh entropy.
     """
 
     def __init__(
@@ -318,6 +319,7 @@ class DataAugmentationDINO:
         blur_semantics: str = "reference",
         use_draft: bool = True,
         fast_reduce: bool = True,
+        emit_uint8: bool = False,
     ) -> None:
         scales = {"global_crops_scale": global_crops_scale, "local_crops_scale": local_crops_scale}
         for name, sc in scales.items():
@@ -337,6 +339,7 @@ class DataAugmentationDINO:
         self.blur_semantics = blur_semantics
         self.use_draft = use_draft
         self.fast_reduce = fast_reduce
+        self.emit_uint8 = bool(emit_uint8)  # stop before the normalisation (done on the device)
         nominal = (1.0, 0.1, 0.5)  # global 1, global 2, local
         self.blur_probs = nominal if blur_semantics == "nominal" else tuple(1.0 - p for p in nominal)
         self.solarize_prob = 0.2
@@ -436,6 +439,8 @@ class DataAugmentationDINO:
             x = gaussian_blur(x, p.blur_sigma).round_().clamp_(0.0, 255.0)
         if p.solarize:
             x = x.add_((x >= 128.0).float().mul_(x.mul(-2.0).add_(255.0)))  # x >= 128 -> 255 - x
+        if self.emit_uint8:  # integers in [0, 255] here: exact
+            return x.to(torch.uint8)
         return x.mul_(self._norm_scale).add_(self._norm_shift)
 
     def apply(
@@ -482,6 +487,9 @@ def make_augmentation(cfg: Any, **kwargs: Any) -> DataAugmentationDINO:
     crops = cfg.crops
     blur = crops.get("blur_semantics", "reference") if hasattr(crops, "get") else "reference"
     kwargs.setdefault("blur_semantics", blur)
+    data = cfg.get("data", None) if hasattr(cfg, "get") else None
+    if data is not None and data.get("normalize_on_device", False):
+        kwargs.setdefault("emit_uint8", True)
     return DataAugmentationDINO(
         global_crops_scale=tuple(crops.global_crops_scale),
         local_crops_scale=tuple(crops.local_crops_scale),

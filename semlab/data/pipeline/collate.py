@@ -3,7 +3,8 @@
 For B samples with 2 global and n local crops:
 
 - ``collated_global_crops`` (2B, 3, G, G) and ``collated_local_crops`` (nB, 3, l, l), crop-major
-  (all samples' crop 0, then all samples' crop 1, ...), cast to ``dtype``;
+  (all samples' crop 0, then all samples' crop 1, ...), float crops cast to ``dtype``, uint8 crops
+  (``data.normalize_on_device``) kept as they are;
 - masks: of the ``2B`` global crops, ``M = int(2B * mask_probability)`` are masked; with
   ``p = linspace(r_min, r_max, M + 1)``, masked crop ``i`` asks for ``int(N * U[p_i, p_{i+1}])`` of its
   ``N = n_tokens`` patches (block masking), the others get an empty mask; the list is shuffled.
@@ -72,9 +73,9 @@ def collate_data_and_cast(
 
     labels = torch.as_tensor([int(s[1]) for s in samples_list], dtype=torch.long)
     indices = torch.as_tensor([int(s[2]) if len(s) > 2 else -1 for s in samples_list], dtype=torch.long)
-    return {
-        "collated_global_crops": global_crops.to(dtype),
-        "collated_local_crops": local_crops.to(dtype),
+    return {  # uint8 crops (normalised later, on the device) stay uint8
+        "collated_global_crops": global_crops.to(dtype) if global_crops.is_floating_point() else global_crops,
+        "collated_local_crops": local_crops.to(dtype) if local_crops.is_floating_point() else local_crops,
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,

@@ -352,17 +352,22 @@ def make_worker_collate(cfg: Any, seed: int) -> Any:
     """A function numpy batch -> batch dict: normalises the crops, then ``collate_data_and_cast`` draws the
     iBOT masks (DINOv2 settings: a ``(G/p) x (G/p)`` grid, at most half of it per block mask, ratios
     ``ibot.mask_ratio_min_max`` on ``ibot.mask_sample_probability`` of the global crops) from a generator
-    seeded with ``seed``."""
+    seeded with ``seed``. With ``data.normalize_on_device`` the crops stay uint8 (pinned when CUDA is
+    available) and the training step normalises them on its device."""
     from semlab.data.pipeline.collate import collate_data_and_cast
     from semlab.data.pipeline.loaders import make_masking
+    from semlab.data.pipeline.normalize import pin_crops
 
     mask_generator, n_tokens = make_masking(cfg)
     ratios = tuple(float(r) for r in cfg.ibot.mask_ratio_min_max)
     probability = float(cfg.ibot.mask_sample_probability)
     rng = np.random.default_rng(seed)
 
+    on_device = bool(cfg.data.get("normalize_on_device", False))
+    prepare = _uint8_tensor if on_device else _normalise
+
     def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        global_crops, local_crops = _normalise(batch["global_crops"]), _normalise(batch["local_crops"])
+        global_crops, local_crops = prepare(batch["global_crops"]), prepare(batch["local_crops"])
         samples = [
             (
                 {
@@ -374,7 +379,7 @@ def make_worker_collate(cfg: Any, seed: int) -> Any:
             )
             for b, (label, index) in enumerate(zip(batch["label"], batch["index"]))
         ]
-        return collate_data_and_cast(
+        collated = collate_data_and_cast(
             samples,
             mask_ratio_tuple=ratios,
             mask_probability=probability,
@@ -383,5 +388,17 @@ def make_worker_collate(cfg: Any, seed: int) -> Any:
             mask_generator=mask_generator,
             random=rng,
         )
+        return pin_crops(collated) if on_device else collated
 
     return collate
+
+
+def _uint8_tensor(x: np.ndarray) -> torch.Tensor:
+    """uint8 crops as a tensor, not normalised (``data.normalize_on_device``: the training device does it)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if t.dtype != torch.uint8:
+        raise RayDataConfigError(
+            "data.normalize_on_device needs uint8 crops from the Ray dataset "
+            "(build_ray_dataset(emit_uint8=True), the default)"
+        )
+    return t
