@@ -5,14 +5,15 @@ by ``benchmarks/real_images/datasets.py``. With the demo recipe as it was (DINOv
 5-32% of the image, prototypes trained from the second epoch), DINO's local cross-entropy fell to the
 uniform prediction (ln K per term) within ~100 iterations and the teacher ended below its random init.
 This test checks, after 240 iterations of ``train/demo_tiny``, that the run's own k-NN headline (SEM
-read at the evaluation tau 1e-5, k=20, on the held-out split) is not below the random-init
-backbone's read the same way (measured: 55.7% against 30.1%, seed 0; the SEM paper's BatchNorm
-variant failed it, 29.2% against 30.4%).
+read at the evaluation tau 1e-5, k=20, on the held-out split) is at least ``MARGIN`` points above the
+random-init backbone's read the same way. The CPU run is deterministic; measured on 2026-12-02 (seed 0):
+today's recipe 55.7% against 30.1% (+25.6); the recipe as it was (DINOv2's crops, prototypes trained
+from the second epoch) 45.1% against 30.1% (+15.0), so the test tells the two apart, and fails if the
+run stops learning at all.
 
-What it does not show: the comparison at the training tau. After 240 iterations the teacher reads
-63.0% there against the random init's 69.9% (seed 0); over 720 iterations and 3 seeds the margin is
-+3.4 points (benchmarks/RESULTS.md, "Real images"), short of issue 12's +10, and the old recipe also
-passed this test's reading (42.1% at 720 iterations). Issue 12 stays open.
+What it does not show: the comparison at the training tau (after 240 iterations 63.0% against the
+random init's 69.9%, and 57.1% for the old recipe), nor the issue's 3-seed margin, which belongs in
+``benchmarks/real_images/bench.py`` (benchmarks/RESULTS.md, "Real images").
 """
 
 import sys
@@ -28,6 +29,7 @@ pytest.importorskip("sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.real_images.datasets import export  # noqa: E402
 
+MARGIN = 20.0  # points of k-NN top-1; today's recipe +25.6, the old one +15.0 (see above)
 BRIEF = ["optim.epochs=4", "evaluation.eval_period_iterations=240", "evaluation.linear_after_train=false"]
 
 
@@ -45,4 +47,5 @@ def test_teacher_not_worse_than_random_init_on_digits(tmp_path) -> None:
     )
     knn = FinalKnn(cfg, tmp_path / "run")
     top1 = run_pretraining(cfg, tmp_path / "run", resume=False, evaluate=knn)["final_metrics"]
-    assert top1["knn_top1_teacher"] >= top1["knn_top1_random_init"], top1  # tau 1e-5, the headline
+    # tau 1e-5, the headline reading
+    assert top1["knn_top1_teacher"] >= top1["knn_top1_random_init"] + MARGIN, top1

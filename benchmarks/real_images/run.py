@@ -106,14 +106,39 @@ def measures(cfg, teacher: torch.nn.Module) -> dict:
     return out
 
 
+def use_old_sem_init() -> None:
+    """Measure semlab's old SEM init: once a ViT is built, every ``sem_*`` Linear gets
+    trunc_normal(0.02) weights and zero bias, like the rest of the ViT (a benchmark-only patch)."""
+    from semlab.models import vit
+
+    build = vit.DinoVisionTransformer.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        build(self, *args, **kwargs)
+        for name, module in self.named_modules():
+            if name.startswith("sem_"):
+                vit._init_linear(module)
+
+    vit.DinoVisionTransformer.__init__ = init
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default="digits", choices=["demo", *LOADERS])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--config-file", default="train/demo_tiny")
+    p.add_argument(
+        "--sem-init",
+        choices=["default", "trunc_normal"],
+        default="default",
+        help="default: the SEM layers keep PyTorch's nn.Linear init (the reference, and semlab); "
+        "trunc_normal: semlab's old init, trunc_normal(std 0.02) weights and zero bias (issue-12 suspect)",
+    )
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
+    if a.sem_init == "trunc_normal":
+        use_old_sem_init()
     tr, va = dataset_strings(a.data)
     base = [
         f"train.dataset_path={tr}",
