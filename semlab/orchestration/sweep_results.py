@@ -92,13 +92,10 @@ def write_sweep_results(
 ) -> tuple[list[dict[str, Any]], Path, Path]:
     """Rows best first (:func:`semlab.orchestration.tune.summarize`), ``<sweep_dir>/<name>_trials.csv``
     and ``<sweep_dir>/<name>_results.png``."""
-    from semlab.orchestration.tune import trial_rows
+    from semlab.orchestration.tune import rank_rows, trial_rows
 
     in_order = trial_rows(results, metric)
-    sign = -1.0 if mode == "max" else 1.0
-    rows = sorted(
-        in_order, key=lambda r: (r[metric] is None, sign * r[metric] if r[metric] is not None else 0.0)
-    )
+    rows = rank_rows(in_order, metric, mode)
     sweep_dir = Path(sweep_dir)
     csv_path, png_path = sweep_dir / f"{name}_trials.csv", sweep_dir / f"{name}_results.png"
     atomic_write_text(csv_path, rows_csv(rows))

@@ -26,8 +26,10 @@ finished and early-stopped trials are not rerun, unfinished ones resume from the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ KNN_METRIC = "knn_top1_teacher"
 LOSS_METRIC = "total"
 DRIVER_CPUS = 0.01  # a trial's driver only waits on its TorchTrainer; Tune refuses an empty request
 SWEPT_KEYS = "swept_keys"
+_PLAIN = re.compile(r"[A-Za-z0-9._+-]{1,32}")  # a value written as is in a trial name
 
 
 def _short(key: str) -> str:
@@ -57,11 +60,22 @@ def _short(key: str) -> str:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A value as it appears in a trial name: floats to 4 significant digits; a string that is not a
+    plain word (a dataset string, a path) as its last path part made file-name safe, plus 6 hex digits of
+    its SHA-1 so that two values never share a name (``ImageFolder:root=/d/val`` -> ``val-1f3a9c``)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    if _PLAIN.fullmatch(text):
+        return text
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").rsplit("/", 1)[-1]).strip("-.")[:16]
+    digest = hashlib.sha1(text.encode()).hexdigest()[:6]
+    return f"{tail}-{digest}" if tail else digest
 
 
 def trial_name(values: dict[str, Any], trial_id: str | None = None) -> str:
-    """``L8_temp0.5`` (last part of each key + value), ``_<trial id>`` appended when given."""
+    """``L8_temp0.5`` (last part of each key + value, see :func:`_fmt`), ``_<trial id>`` appended when
+    given. The name is a file name: it is the trial's output directory and its MLflow run name."""
     name = "_".join(f"{_short(k)}{_fmt(v)}" for k, v in values.items())
     return f"{name}_{trial_id}" if trial_id else name
 
@@ -241,11 +255,19 @@ def stop_reason(result: Any, max_iter: int) -> str:
 
 
 def summarize(results: Any, metric: str, mode: str = "max") -> list[dict[str, Any]]:
-    """:func:`trial_rows`, best first."""
-    rows = trial_rows(results, metric)
+    """:func:`trial_rows`, best first (:func:`rank_rows`)."""
+    return rank_rows(trial_rows(results, metric), metric, mode)
+
+
+def rank_rows(rows: list[dict[str, Any]], metric: str, mode: str = "max") -> list[dict[str, Any]]:
+    """``rows`` best first by ``metric`` (rows without it last); equal values in the order of their
+    trial names, so the best trial does not depend on the order Tune lists results in (a restored
+    sweep lists them in another order than the run that made them)."""
     sign = -1.0 if mode == "max" else 1.0
-    rows.sort(key=lambda r: (r[metric] is None, sign * r[metric] if r[metric] is not None else 0.0))
-    return rows
+    return sorted(
+        rows,
+        key=lambda r: (r[metric] is None, sign * r[metric] if r[metric] is not None else 0.0, r["trial"]),
+    )
 
 
 def trial_rows(results: Any, metric: str) -> list[dict[str, Any]]:
