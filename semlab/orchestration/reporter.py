@@ -136,12 +136,14 @@ class RayTrainReporter(Reporter):
     def on_training_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
         """All ranks report (Ray's report is collective), rank 0 with the in-training evaluation's
         metrics and ``iteration``, without a checkpoint: Tune and its schedulers (ASHA) see them at
-        that iteration. The metrics also go to ``inner`` (MLflow)."""
+        that iteration. The metrics go to ``inner`` (MLflow, which sends them at once) *before* the
+        Ray report: a scheduler may stop the trial on that report, and its MLflow run must then
+        still hold the value it was stopped on."""
         values = {**scalar_metrics(metrics), "iteration": int(iteration)} if self.rank == 0 else {}
         self.last_evaluation = {k: v for k, v in values.items() if k != "iteration"}
-        self._ray_report(values, None, None)
         if self.inner is not None and metrics:
-            self.inner.on_metrics(iteration, metrics)
+            self.inner.on_training_evaluation(iteration, metrics)
+        self._ray_report(values, None, None)
 
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.inner is not None:

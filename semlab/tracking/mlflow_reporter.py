@@ -181,6 +181,14 @@ class MLflowReporter(Reporter):
         if due or self.run.pending >= self.flush_every_n:
             self.flush()
 
+    def on_training_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+        """The in-training evaluation (``accuracy/knn_top1``...) at ``iteration``, sent at once: a sweep's
+        scheduler may stop the trial right after it, before the next periodic flush."""
+        if self.run is None or not metrics:
+            return
+        self.on_metrics(iteration, metrics)
+        self.flush()
+
     def on_checkpoint(self, iteration: int, path: Path) -> None:
         if self.run is None:
             return
