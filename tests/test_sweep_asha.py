@@ -16,12 +16,15 @@ Trials run one after another (grid order: a, missing, b, a') for 6 iterations wi
 ``b`` trial (0 %) is below the cutoff of the ``a`` trial (100 %) and must be stopped; ``a'`` (100 %) is
 above the median 50 % of the two and equal to 100 % at 5, so it must run to the end. A broken scheduler,
 a broken report of the metric to Tune or a broken k-NN would change those outcomes and fail the test.
-Also, without a cluster: the sweep file's validation, trial names and the ranking of trials.
+Also, on the same cluster: a 2-trial sweep searched by Optuna (the ``optuna`` extra, part of ``dev``),
+whose study must hold both trials with the in-training k-NN as their values; and without a cluster: the
+sweep file's validation, trial names and the ranking of trials.
 """
 
 from __future__ import annotations
 
 import csv
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -228,6 +231,37 @@ def test_a_failed_trial_is_reported_with_its_error_tagged_failed_and_the_sweep_g
     assert run.data.tags["semlab.stop_reason"] == "failed" and run.info.status == "FAILED"
     assert "knn_missing" in run.data.tags["semlab.error"]
     assert {r["trial"]: r["stop_reason"] for r in sw.rerun_rows}[names["missing"]] == "failed"  # not retried
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_optuna_proposes_the_trials_and_learns_from_the_in_training_knn(local_cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("SEMLAB_CACHE", str(tmp_path / "cache"))
+    spec = {**SWEEP, "name": "t_optuna", "search_space": {"student.temp": {"uniform": [0.5, 1.0]}},
+            "num_samples": 2, "scheduler": {"type": "none"},
+            "search_alg": {"type": "optuna", "seed": 0}}  # fmt: skip
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "sweep"
+    argv = ["--config-file", "demo_tiny", "--sweep", str(sweep_file), "--output-dir", str(out), "--no-mlflow",
+            *TINY, *SMALL, "train.max_iterations=4"]  # fmt: skip
+    assert import_experiment("sweep").main(argv) == 0
+
+    with open(out / "t_optuna_trials.csv") as f:
+        rows = {float(r["student.temp"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 2 and all(0.5 <= t < 1.0 for t in rows)
+    assert all(r["stop_reason"] == "finished" for r in rows.values())
+    # the searcher's state as Tune saved it (OptunaSearch.save pickles its attributes, the study among them)
+    (state_file,) = (out / "ray_results" / "t_optuna").glob("searcher-state-*.pkl")
+    study = pickle.loads(state_file.read_bytes())["_ot_study"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for t in study.trials:
+        row = rows[t.params["student.temp"]]
+        assert t.value == float(row["accuracy/knn_top1"])
+        # the k-NN reports of iterations 1 and 3 (Tune hands the last report to on_trial_complete, as the
+        # value); the k-NN-less reports in between were skipped (Ray's OptunaSearch raises on them)
+        assert len(t.intermediate_values) == 2
+        assert t.value == t.intermediate_values[max(t.intermediate_values)]
 
 
 def test_trial_names_and_a_changed_sweep_under_the_same_name_is_refused(tmp_path):

@@ -25,7 +25,6 @@ instead. :func:`grid_spec` is the ``--L/--temp`` shorthand.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,23 +242,18 @@ def tune_scheduler(spec: SweepSpec, max_iterations: int) -> Any:
 
 
 def tune_search_alg(spec: SweepSpec) -> Any:
-    """None for random sampling (Tune's default), or an Optuna searcher (``pip install optuna``) that
-    learns from the reports carrying the metric (the in-training k-NN) and ignores the others."""
+    """None for random sampling (Tune's default), or an Optuna searcher (the ``optuna`` extra,
+    :mod:`semlab.orchestration.optuna_search`) that learns from the reports carrying the metric (the
+    in-training k-NN) and ignores the others."""
     if spec.search_alg["type"] != "optuna":
         return None
     if any("grid" in d for d in spec.search_space.values()):
         raise SweepSpecError("search_alg optuna cannot search grid dimensions; use choice instead of grid")
     try:
-        from ray.tune.search.optuna import OptunaSearch
+        from semlab.orchestration.optuna_search import optuna_searcher
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
         raise SweepSpecError(
-            f"search_alg optuna needs the optuna package: pip install optuna ({exc})"
+            f"search_alg optuna needs the optuna package: pip install 'semlab[optuna]' ({exc})"
         ) from None
-
-    class OptunaOnEvaluations(OptunaSearch):
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result and math.isfinite(float(result[self.metric])):
-                super().on_trial_result(trial_id, result)
-
     seed = spec.search_alg.get("seed")
-    return OptunaOnEvaluations(metric=spec.metric, mode=spec.mode, seed=seed)
+    return optuna_searcher(spec.metric, spec.mode, None if seed is None else int(seed))
