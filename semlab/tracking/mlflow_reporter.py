@@ -8,6 +8,8 @@ What one pretraining records:
 - metrics at each logged iteration (every loss part, lr, wd, mom, teacher_temp, images/s, ETA...),
   with system metrics (``system/cpu_percent``, memory, GPU memory; ``mlflow.system_metrics``,
   ``semlab.tracking.system_metrics``), batched with ``MlflowClient.log_batch``;
+- dataset inputs: the training data and the evaluation sets (context ``training`` / ``evaluation``,
+  ``semlab.tracking.dataset_inputs``), shown in the runs table's Dataset column;
 - artifacts: the resolved config (``config.yaml``), and each teacher eval checkpoint: as an MLflow 3
   LoggedModel ``teacher_training_<it>`` with the file as its artifact and the iteration's metrics
   linked (``mlflow.log_checkpoints: model``, the default; ``semlab.tracking.teacher_models``),
@@ -147,6 +149,9 @@ class MLflowReporter(Reporter):
             )
         self._logged_through = self.run.last_logged_step(_STEP_METRIC) if self.resumed else -1
         self._log_config()
+        from semlab.tracking.dataset_inputs import log_dataset_inputs
+
+        log_dataset_inputs(self.run.client, self.run.run_id, cfg)
         if bool(cfg.mlflow.get("system_metrics", True)):
             from semlab.tracking.system_metrics import SystemMetrics
 
