@@ -200,6 +200,10 @@ def test_asha_stops_the_trial_below_its_rung_records_mlflow_and_reruns_nothing(a
     assert best[0] in (names["a"], names["a2"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep.yaml", "t_asha_trials.csv", "t_asha_results.png"} <= artifacts
+    # MLflow's chart view makes one section per metric prefix ("Model metrics" for names without one) in
+    # the order of the sorted metric names: accuracy must sort first, before final/ and the losses
+    keys = sorted(by_name[names["a"]].data.metrics)
+    assert keys[0] == "accuracy/knn_top1" and "final/iteration" in keys, keys[:3]
     for label, steps in (("a", [1, 3, 5]), ("a2", [1, 3, 5]), ("b", [1, 3])):
         history = client.get_metric_history(by_name[names[label]].info.run_id, "accuracy/knn_top1")
         assert sorted(m.step for m in history) == steps, label
