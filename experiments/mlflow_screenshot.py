@@ -4,10 +4,18 @@
         --output docs/images/mlflow_sweep_compare.png
 
 Starts ``mlflow ui`` on a free port of 127.0.0.1 for the store, finds the newest sweep parent run
-(tag ``semlab.kind=sweep``, or ``--parent-run-id``) and its child runs, opens the UI's compare view
-of the children (``--view chart``: the experiment's chart view) in Debian's ``chromium``
-(``apt-get install chromium``) with ``--headless --screenshot``, writes the PNG and stops the server
-it started.
+(tag ``semlab.kind=sweep``, or ``--parent-run-id``) and its child runs, opens one view in Debian's
+``chromium`` (``apt-get install chromium``) with ``--headless --screenshot``, writes the PNG and stops
+the server it started. Views:
+
+- ``compare``: the UI's compare view of the sweep's trials;
+- ``run-metrics``: the best trial's "Model metrics" tab, its charts in sections by metric prefix
+  (``accuracy`` first);
+- ``chart``: the experiment's runs page in chart mode (MLflow 3.17 shows the sweep's parent run
+  there, its trials folded under it).
+
+The experiment is opened at ``#/experiments/<id>/runs``: ``#/experiments/<id>`` opens MLflow 3.17's
+GenAI overview of traces whatever the experiment's kind.
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ def wait_for(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"the MLflow UI did not answer at {url} within {timeout_s:.0f} s")
 
 
-def compare_url(base: str, store: str, parent_run_id: str | None) -> str:
-    """The UI's compare view of the children of the sweep parent (newest one when not given)."""
+def view_url(base: str, store: str, parent_run_id: str | None, view: str = "compare") -> str:
+    """The URL of ``view`` (see the module doc) for the sweep parent (the newest one when not given)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(store)
@@ -60,6 +68,14 @@ def compare_url(base: str, store: str, parent_run_id: str | None) -> str:
         if not parents:
             raise SystemExit(f"error: no sweep parent run (tag semlab.kind=sweep) in {store}")
         parent_run_id = parents[0].info.run_id
+    experiment = f"{base}/#/experiments/{exp.experiment_id}"
+    if view == "chart":
+        return f"{experiment}/runs?compareRunsMode=CHART"
+    if view == "run-metrics":
+        best = client.get_run(parent_run_id).data.tags.get("semlab.best_run_id")
+        if not best:
+            raise SystemExit(f"error: the sweep parent run {parent_run_id} has no semlab.best_run_id tag")
+        return f"{experiment}/runs/{best}/model-metrics"
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     runs = json.dumps([c.info.run_id for c in children if c.data.tags.get("semlab.stop_reason")])
     query = urllib.parse.urlencode({"runs": runs, "experiments": json.dumps([exp.experiment_id])})
@@ -73,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-run-id", default=None, help="the sweep's parent run (default: the newest)")
     p.add_argument(
         "--view",
-        choices=("compare", "chart"),
+        choices=("compare", "run-metrics", "chart"),
         default="compare",
-        help="compare: the trials side by side; chart: the experiment's chart view",
+        help="compare: the trials side by side; run-metrics: the best trial's metric charts; "
+        "chart: the experiment's chart view",
     )
     p.add_argument("--size", default="1600,1100", help="window size W,H")
-    p.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to render")
+    p.add_argument(
+        "--wait-ms", type=int, default=60000, help="virtual time the page gets to render (charts load late)"
+    )
     args = p.parse_args(argv)
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -104,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = tempfile.mkdtemp(prefix="semlab-chromium-")
     try:
         wait_for(f"{base}/health", 120)
-        url = compare_url(base, args.store, args.parent_run_id)
-        if args.view == "chart":
-            experiment = json.loads(urllib.parse.parse_qs(url.split("?", 1)[1])["experiments"][0])[0]
-            url = f"{base}/#/experiments/{experiment}?compareRunsMode=CHART"
+        url = view_url(base, args.store, args.parent_run_id, args.view)
         output = Path(args.output).resolve()
         output.parent.mkdir(parents=True, exist_ok=True)
         flags = [
@@ -120,13 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             f"--virtual-time-budget={args.wait_ms}",
             f"--screenshot={output}",
         ]
-        subprocess.run(
-            [browser, *flags, url],
-            check=True,
-            timeout=300,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        # twice: on the first load after the server starts, the charts are still waiting for the metric
+        # histories when the page's virtual time runs out (empty chart cards); the second load has them
+        for _ in range(2):
+            subprocess.run(
+                [browser, *flags, url],
+                check=True,
+                timeout=300,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         print(f"{url}\n-> {output}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server this script started, and its workers
