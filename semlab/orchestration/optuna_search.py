@@ -6,8 +6,8 @@ as the trial's value (``study.tell``). A semlab trial also reports without the m
 reports carry losses only, no k-NN), and Ray's ``OptunaSearch`` would fail on those with a KeyError;
 :class:`EvaluationOptunaSearch` passes on only the reports that carry a finite value of the metric.
 
-The class lives at module level so that Tune can pickle the searcher with its experiment state
-(``Tuner.restore`` of an interrupted Optuna sweep).
+The class lives at module level: Tune's ``tuner.pkl`` (cloudpickle) then refers to it by name, so a
+restored sweep uses the installed code instead of a copy of a function-local class taken at its start.
 """
 
 from __future__ import annotations
