@@ -101,6 +101,7 @@ def run_local(cfg: DictConfig, output_dir: Path, resume: bool, recipe: str | Non
     """The single-process path (no Ray): ``run_pretraining`` with the MLflow reporter and the
     final k-NN report."""
     from semlab.eval.knn_report import FinalKnn
+    from semlab.eval.training_knn import training_knn
     from semlab.train.pretraining import run_pretraining
 
     reporter = None
@@ -109,7 +110,10 @@ def run_local(cfg: DictConfig, output_dir: Path, resume: bool, recipe: str | Non
 
         reporter = MLflowReporter(cfg, output_dir, recipe=recipe, resume=resume)
     try:
-        return run_pretraining(cfg, output_dir, resume, reporter, evaluate=FinalKnn(cfg, output_dir))
+        return run_pretraining(
+            cfg, output_dir, resume, reporter, evaluate=FinalKnn(cfg, output_dir),
+            evaluate_during_training=training_knn(cfg),
+        )  # fmt: skip
     except BaseException:  # NaN, disk full, Ctrl-C...: the MLflow run ends FAILED, not RUNNING
         if reporter is not None:
             reporter.close("FAILED")

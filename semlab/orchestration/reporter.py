@@ -88,6 +88,7 @@ class RayTrainReporter(Reporter):
         self.rank = int(rank)
         self.inner = inner if self.rank == 0 else None
         self.last_metrics: dict[str, float | int] = {}
+        self.last_evaluation: dict[str, float | int] = {}  # the latest in-training evaluation (rank 0)
         self.reported: list[int] = []
         self.upload_async = bool(upload_async)
         self._report = report_fn
@@ -132,6 +133,18 @@ class RayTrainReporter(Reporter):
         if self.inner is not None:
             self.inner.on_eval_checkpoint(iteration, path)
 
+    def on_training_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+        """All ranks report (Ray's report is collective), rank 0 with the in-training evaluation's
+        metrics and ``iteration``, without a checkpoint: Tune and its schedulers (ASHA) see them at
+        that iteration. The metrics go to ``inner`` (MLflow, which sends them at once) *before* the
+        Ray report: a scheduler may stop the trial on that report, and its MLflow run must then
+        still hold the value it was stopped on."""
+        values = {**scalar_metrics(metrics), "iteration": int(iteration)} if self.rank == 0 else {}
+        self.last_evaluation = {k: v for k, v in values.items() if k != "iteration"}
+        if self.inner is not None and metrics:
+            self.inner.on_training_evaluation(iteration, metrics)
+        self._ray_report(values, None, None)
+
     def on_end(self, summary: dict[str, Any]) -> None:
         if self.inner is not None:
             self.inner.on_end(summary)
@@ -154,8 +167,8 @@ class RayTrainReporter(Reporter):
             self.inner.close()
 
     def report_final(self, metrics: dict[str, Any]) -> None:
-        """A last report without checkpoint (all ranks), e.g. the k-NN accuracy after training;
+        """A last report without checkpoint (all ranks), e.g. the k-NN accuracy after training, with
+        the latest in-training evaluation (so that a sweep's last result holds its metric too);
         Ray Tune sees it (``TuneReportCallback``)."""
-        self._ray_report(
-            {**self.last_metrics, **scalar_metrics(metrics)} if self.rank == 0 else {}, None, None
-        )
+        final = {**self.last_metrics, **self.last_evaluation, **scalar_metrics(metrics)}
+        self._ray_report(final if self.rank == 0 else {}, None, None)

@@ -197,6 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from semlab.eval.knn_report import FinalKnn, knn_datasets
+    from semlab.eval.training_knn import training_knn
     from semlab.orchestration.reporter import RayTrainReporter
     from semlab.train.pretraining import run_pretraining
 
@@ -233,7 +234,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         summary = run_pretraining(
             cfg, output_dir, resume, reporter, data=factory, evaluate=evaluate, device=device,
             resume_from=resume_from,
-        )
+            evaluate_during_training=training_knn(cfg),
+        )  # fmt: skip
     except BaseException:  # the MLflow run ends FAILED (Ray may retry: the retry resumes the run)
         if inner is not None:
             inner.close("FAILED")

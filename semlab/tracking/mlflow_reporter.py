@@ -8,6 +8,8 @@ What one pretraining records:
 - metrics at each logged iteration (every loss part, lr, wd, mom, teacher_temp, images/s, ETA...),
   with system metrics (``system/cpu_percent``, memory, GPU memory; ``mlflow.system_metrics``,
   ``semlab.tracking.system_metrics``), batched with ``MlflowClient.log_batch``;
+- dataset inputs: the training data and the evaluation sets (context ``training`` / ``evaluation``,
+  ``semlab.tracking.dataset_inputs``), shown in the runs table's Dataset column;
 - artifacts: the resolved config (``config.yaml``), and each teacher eval checkpoint: as an MLflow 3
   LoggedModel ``teacher_training_<it>`` with the file as its artifact and the iteration's metrics
   linked (``mlflow.log_checkpoints: model``, the default; ``semlab.tracking.teacher_models``),
@@ -147,6 +149,9 @@ class MLflowReporter(Reporter):
             )
         self._logged_through = self.run.last_logged_step(_STEP_METRIC) if self.resumed else -1
         self._log_config()
+        from semlab.tracking.dataset_inputs import log_dataset_inputs
+
+        log_dataset_inputs(self.run.client, self.run.run_id, cfg)
         if bool(cfg.mlflow.get("system_metrics", True)):
             from semlab.tracking.system_metrics import SystemMetrics
 
@@ -180,6 +185,14 @@ class MLflowReporter(Reporter):
         due = time.monotonic() - self._last_flush >= self.flush_every_s
         if due or self.run.pending >= self.flush_every_n:
             self.flush()
+
+    def on_training_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+        """The in-training evaluation (``accuracy/knn_top1``...) at ``iteration``, sent at once: a sweep's
+        scheduler may stop the trial right after it, before the next periodic flush."""
+        if self.run is None or not metrics:
+            return
+        self.on_metrics(iteration, metrics)
+        self.flush()
 
     def on_checkpoint(self, iteration: int, path: Path) -> None:
         if self.run is None:

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 RUN_RECORD = "mlflow_run.json"
 UNSENT_METRICS = "mlflow_unsent.jsonl"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's kind for model training (vs genai_development)
 PRETRAIN_TAG = "semlab.pretrain_run_id"
 LAST_CHECKPOINT_TAG = "semlab.last_checkpoint"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch
@@ -314,21 +316,27 @@ def get_or_create_experiment(client: Any, name: str, artifact_location: str | No
     """The id of experiment ``name``, created (with ``artifact_location``) when missing.
 
     A deleted experiment of that name is restored; two processes creating it at once is fine.
+    The experiment is tagged ``mlflow.experimentKind=custom_model_development`` (when it has no
+    kind yet), so that the MLflow UI opens it on its training runs, not on the GenAI trace overview.
     """
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+            return exp_id
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def _run_exists(client: Any, run_id: str) -> bool:

@@ -10,7 +10,8 @@ For ``it`` in ``[start, max_iter)``, with ``max_iter = optim.epochs * OFFICIAL_E
       (train.sync_free_step: checked on the device, read at log periods and before checkpoints)
     clip_grad_norm_(each student module, optim.clip_grad); optimizer.step()
     model.update_teacher(mom)
-    (it + 1) % eval_period == 0     -> eval/training_<it>/teacher_checkpoint.pth
+    (it + 1) % eval_period == 0     -> eval/training_<it>/teacher_checkpoint.pth, then the
+                                       ``evaluate`` hook (all ranks) -> reporter.on_training_evaluation
     (it + 1) % checkpoint_period == 0 or it == max_iter - 1 -> checkpoints/model_<it>/ (sharded)
 
 The loop takes a data iterator (or a factory ``start_iter -> iterator``, so that a resumed run
@@ -308,6 +309,7 @@ def do_train(
     resume: bool = True,
     start_iteration: int | None = None,
     resume_from: str | Path | None = None,
+    evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (an ``SSLMetaArch``, possibly parallelised) and return a summary dict.
 
@@ -317,6 +319,8 @@ def do_train(
     ``start_iteration``: force the first iteration (callers that restore state themselves);
     default: the resumed checkpoint's iteration + 1, or 0. ``resume_from``: a checkpoint folder to
     resume from instead of ``output_dir``'s own (Ray Train's restored checkpoint).
+    ``evaluate(model, it) -> metrics``: called on every rank at each eval period (it may be
+    collective; metrics on rank 0, {} elsewhere), handed to ``reporter.on_training_evaluation``.
     Raises ``NonFiniteLossError`` on a NaN/inf total loss.
     """
     output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
@@ -388,6 +392,9 @@ def do_train(
             if is_due(it, eval_period):
                 eval_paths.append(str(save_eval_checkpoint(model, it, output_dir, cfg)))
                 reporter.on_eval_checkpoint(it, Path(eval_paths[-1]))
+                if evaluate is not None:
+                    reporter.on_training_evaluation(it, evaluate(model, it))
+                    model.train()
             if is_due(it, ckpt_period) or it == max_iter - 1:
                 last_ckpt = save_checkpoint(model, optimizer, it, output_dir, cfg)
                 reporter.on_checkpoint(it, last_ckpt)

@@ -13,8 +13,12 @@ reporting to Ray). Rank and world size come from the default process group (none
 5. final evaluation: ``evaluate(teacher_backbone, iteration) -> metrics`` on rank 0 (the teacher's
    full state is gathered first when it is sharded), logged with ``reporter.log_evaluation``.
 
-The evaluation is a hook so that ``train`` does not import ``eval``: callers pass
-``semlab.eval.knn_report.FinalKnn``.
+``evaluate_during_training(teacher_backbone, iteration) -> metrics`` (optional) runs the same way
+at every ``evaluation.eval_period_iterations`` inside the loop; its metrics reach
+``reporter.on_training_evaluation`` (Ray and MLflow) at that iteration.
+
+The evaluations are hooks so that ``train`` does not import ``eval``: callers pass
+``semlab.eval.knn_report.FinalKnn`` and ``semlab.eval.training_knn.TrainingKnn``.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ def run_pretraining(
     evaluate: Evaluation | None = None,
     device: torch.device | str | None = None,
     resume_from: str | Path | None = None,
+    evaluate_during_training: Evaluation | None = None,
 ) -> dict[str, Any]:
     """Run the whole pretraining (see the module doc) and return ``do_train``'s summary, with
     ``final_metrics`` (the evaluation's, on rank 0) when ``evaluate`` is given. ``resume_from``: a
@@ -113,8 +118,16 @@ def run_pretraining(
     model = SSLMetaArch(cfg)
     parallelize(model, cfg, device if device is not None else distributed.default_device())
     data = data if data is not None else local_data(cfg)
+    periodic = None
+    if evaluate_during_training is not None:
+
+        def periodic(trained: nn.Module, iteration: int) -> dict[str, float]:
+            backbone = final_teacher_backbone(trained, cfg)  # collective when the teacher is sharded
+            return evaluate_during_training(backbone, iteration) if backbone is not None else {}
+
     summary = do_train(
-        cfg, model, data, output_dir, reporter=reporter, resume=resume, resume_from=resume_from
+        cfg, model, data, output_dir, reporter=reporter, resume=resume, resume_from=resume_from,
+        evaluate=periodic,
     )
     if evaluate is not None:
         backbone = final_teacher_backbone(model, cfg)

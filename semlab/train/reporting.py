@@ -29,6 +29,12 @@ class Reporter:
     def on_eval_checkpoint(self, iteration: int, path: Path) -> None:
         """Called after a teacher eval checkpoint (``eval/training_<it>/teacher_checkpoint.pth``)."""
 
+    def on_training_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Called at each ``evaluation.eval_period_iterations`` with the in-training evaluation's metrics
+        (e.g. ``accuracy/knn_top1``; ``{}`` off rank 0); here they go to :meth:`on_metrics`."""
+        if metrics:
+            self.on_metrics(iteration, metrics)
+
     def on_end(self, summary: dict[str, Any]) -> None:
         """Called once when training ends normally (``summary``: final iteration, losses, paths...)."""
 
