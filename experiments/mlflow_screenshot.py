@@ -15,7 +15,9 @@ the server it started. Views:
   there, its trials folded under it).
 
 The experiment is opened at ``#/experiments/<id>/runs``: ``#/experiments/<id>`` opens MLflow 3.17's
-GenAI overview of traces whatever the experiment's kind.
+GenAI overview of traces whatever the experiment's kind. Every page gets ``workflowType=machine_learning``
+too, the query parameter that switches the UI's browser-wide mode from "GenAI" to "Model training"
+(a fresh browser profile starts in GenAI mode).
 """
 
 from __future__ import annotations
@@ -69,16 +71,19 @@ def view_url(base: str, store: str, parent_run_id: str | None, view: str = "comp
             raise SystemExit(f"error: no sweep parent run (tag semlab.kind=sweep) in {store}")
         parent_run_id = parents[0].info.run_id
     experiment = f"{base}/#/experiments/{exp.experiment_id}"
+    mode = "workflowType=machine_learning"
     if view == "chart":
-        return f"{experiment}/runs?compareRunsMode=CHART"
+        return f"{experiment}/runs?compareRunsMode=CHART&{mode}"
     if view == "run-metrics":
         best = client.get_run(parent_run_id).data.tags.get("semlab.best_run_id")
         if not best:
             raise SystemExit(f"error: the sweep parent run {parent_run_id} has no semlab.best_run_id tag")
-        return f"{experiment}/runs/{best}/model-metrics"
+        return f"{experiment}/runs/{best}/model-metrics?{mode}"
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     runs = json.dumps([c.info.run_id for c in children if c.data.tags.get("semlab.stop_reason")])
-    query = urllib.parse.urlencode({"runs": runs, "experiments": json.dumps([exp.experiment_id])})
+    query = urllib.parse.urlencode(
+        {"runs": runs, "experiments": json.dumps([exp.experiment_id]), "workflowType": "machine_learning"}
+    )
     return f"{base}/#/compare-runs?{query}"
 
 
