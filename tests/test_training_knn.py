@@ -51,6 +51,25 @@ def test_datasets_default_to_the_final_knn_and_none_switches_off():
     assert training_knn(cfg) is None
 
 
+def test_each_set_is_capped_by_an_evenly_spaced_subset_that_keeps_every_class(tmp_path, monkeypatch):
+    from semlab.eval.training_knn import TrainingKnn, evenly_spaced_subset
+
+    assert evenly_spaced_subset(list(range(10)), 0) == list(range(10))  # 0 = all
+    assert evenly_spaced_subset(list(range(10)), 10) == list(range(10))
+    assert list(evenly_spaced_subset(list(range(10)), 4)) == [0, 2, 5, 7]  # floor(i * 10 / 4)
+
+    monkeypatch.setenv("SEMLAB_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("demo_tiny", [*SMALL, "evaluation.knn_during_training_max_train=16",
+                                    "evaluation.knn_during_training_max_val=0"])  # fmt: skip
+    train, val = TrainingKnn(cfg).datasets()
+    assert len(train) == 16 and len(val) == 16  # 8 classes x 3 capped at 16; 8 x 2 uncapped
+    assert {label for _, label in train} == set(range(8))  # class-sorted folder: every class kept
+    assert tuple(train[0][0].shape) == (3, int(cfg.linear.crop_size), int(cfg.linear.crop_size))
+    seed_recipe = load_config("train/vitl14_sem_L512")
+    assert seed_recipe.evaluation.knn_during_training_max_train == 10000
+    assert seed_recipe.evaluation.knn_during_training_max_val == 5000
+
+
 @pytest.mark.mlflow
 def test_in_process_run_logs_the_knn_at_each_eval_period(tmp_path, template_db, monkeypatch):  # noqa: F811
     from semlab.orchestration.launch import run_local

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.data import Dataset
 
 from semlab.eval.features import extract_features
 from semlab.eval.knn import knn_classify
@@ -48,17 +49,20 @@ def knn_accuracy(
     model: nn.Module | None,
     kind: str = "cls",
     device: torch.device | str | None = None,
-    train_dataset: str | None = None,
-    val_dataset: str | None = None,
+    train_dataset: str | Dataset | None = None,
+    val_dataset: str | Dataset | None = None,
 ) -> Accuracies:
     """``{k: {"top1", "top5"}}`` (percent) of the weighted k-NN on features of ``kind``.
 
-    Datasets default to ``evaluation.knn_dataset_train`` / ``_val``; k, T and the batch size come
+    Datasets (dataset strings, or ready datasets of ``(image, label)`` with the eval transform) default
+    to ``evaluation.knn_dataset_train`` / ``_val``; k, T and the batch size come
     from ``knn.*``, the eval crop from ``linear.resize_size`` / ``crop_size``, the SEM temperature
     from ``evaluation.sem_temp``.
     """
-    train_dataset = train_dataset or str(cfg.evaluation.knn_dataset_train)
-    val_dataset = val_dataset or str(cfg.evaluation.knn_dataset_val)
+    if train_dataset is None or train_dataset == "":
+        train_dataset = str(cfg.evaluation.knn_dataset_train)
+    if val_dataset is None or val_dataset == "":
+        val_dataset = str(cfg.evaluation.knn_dataset_val)
     if device is None:
         device = next(model.parameters()).device if model is not None else torch.device("cpu")
     (xtr, ytr), (xva, yva) = (
