@@ -77,7 +77,10 @@ class TrainingKnn:
 
             ev, lin = self.cfg.evaluation, self.cfg.linear
             transform = make_eval_transform(int(lin.resize_size), int(lin.crop_size))
-            caps = (int(ev.get("knn_during_training_max_train", 0)), int(ev.get("knn_during_training_max_val", 0)))
+            caps = (
+                int(ev.get("knn_during_training_max_train", 0)),
+                int(ev.get("knn_during_training_max_val", 0)),
+            )
             train, val = (
                 evenly_spaced_subset(make_dataset(name, transform=transform), cap)
                 for name, cap in zip((self.train_dataset, self.val_dataset), caps)

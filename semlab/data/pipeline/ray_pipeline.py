@@ -7,7 +7,8 @@ Pipeline (``build_ray_dataset``)::
                      compute=TaskPoolStrategy(data.map_concurrency))
       -> per worker: streaming_split (Ray Train) -> iter_training_batches:
          local shuffle buffer, batches of train.batch_size_per_gpu, uint8 -> normalised float,
-         masks + collate (semlab.data.pipeline.collate) in the worker -> the batch dict of the training step.
+         masks + collate (semlab.data.pipeline.collate) in a background thread of the worker, ahead of the
+         training step -> the batch dict of the training step.
 
 Randomness, all derived from the training seed ``s``:
 
@@ -47,6 +48,7 @@ import torch
 
 from semlab.data.datasets.parquet import ShardFormatError, parse_parquet_dataset_str, shard_paths
 from semlab.data.pipeline.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_augmentation
+from semlab.data.pipeline.prefetch import prefetch_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +323,9 @@ def iter_training_batches(
     ``Dataset``/``DataIterator``. Each pass over it is one epoch (``epoch_start``, ``epoch_start + 1``, ...;
     keep it equal to the ``epoch_start`` given to :func:`build_ray_dataset`). Rows are grouped into batches of
     exactly ``train.batch_size_per_gpu`` (a partial batch at the end of an epoch is completed from the next
-    one), crops are normalised here, and masks + collation come from ``semlab.data.pipeline.collate``:
+    one), crops are normalised here, and masks + collation come from ``semlab.data.pipeline.collate``,
+    run by a background thread up to ``data.collate_prefetch_batches`` batches ahead of the consumer
+    (:mod:`semlab.data.pipeline.prefetch`; 0 = on the consumer's thread):
     the yielded
     dict is the batch dict of docs/architecture.md. ``rank`` (the caller's world rank: the Ray Train
     worker passes its own) seeds the shuffle and the masks.
@@ -344,8 +348,10 @@ def iter_training_batches(
                 )
             epoch += 1
 
-    for batch in _rebatch(stream(), batch_size):
-        yield collate(batch)
+    collated = (collate(batch) for batch in _rebatch(stream(), batch_size))
+    # collation of the next batches overlaps the training step (data.collate_prefetch_batches ahead)
+    depth = int(cfg.data.get("collate_prefetch_batches", 0))
+    yield from prefetch_in_thread(collated, depth, name=f"semlab-collate-rank{rank}")
 
 
 def make_worker_collate(cfg: Any, seed: int) -> Any:
