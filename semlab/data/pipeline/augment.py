@@ -347,10 +347,9 @@ class DataAugmentationDINO:
         self.jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
         self.gray_prob = 0.2
         self.blur_sigma = (0.1, 2.0)
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-        self._norm_scale = 1.0 / (255.0 * std)
-        self._norm_shift = -mean / std
+        from semlab.data.pipeline.normalize import norm_constants  # it imports this module's mean/std
+
+        self._norm_scale, self._norm_shift = norm_constants()  # x_norm = x * scale + shift
 
     def __repr__(self) -> str:
         return (

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from semlab.data.datasets.parquet import ShardFormatError, parse_parquet_dataset_str, shard_paths
-from semlab.data.pipeline.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_augmentation
+from semlab.data.pipeline.augment import make_augmentation
+from semlab.data.pipeline.normalize import norm_constants, normalize_uint8
 from semlab.data.pipeline.prefetch import prefetch_in_thread
 
 logger = logging.getLogger(__name__)
@@ -149,17 +150,10 @@ def _crops_key(cfg: Any) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in crops.items()))
 
 
-def _norm_constants() -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with ``normalised = u8 * scale + shift``, computed as DataAugmentationDINO does."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    return 1.0 / (255.0 * std), -mean / std
-
-
 def _to_uint8(normalised: torch.Tensor) -> np.ndarray:
     """Invert the normalisation: the augmentation's pixels are integers in [0, 255] before it, so rounding
     ``(y - shift) / scale`` recovers them exactly."""
-    scale, shift = _norm_constants()
+    scale, shift = norm_constants()
     return ((normalised - shift) / scale).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
@@ -290,13 +284,9 @@ def _rebatch(stream: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterat
 
 
 def _normalise(x: np.ndarray) -> torch.Tensor:
-    """uint8 crops (..., 3, H, W) -> ``x * scale + shift`` in float32 (two passes: the multiply converts)."""
+    """uint8 crops (..., 3, H, W) -> ``x * scale + shift`` in float32 (:func:`normalize_uint8`)."""
     t = torch.from_numpy(np.ascontiguousarray(x))
-    if t.dtype != torch.uint8:
-        return t.float()
-    scale, shift = _norm_constants()
-    shape = t.shape
-    return torch.mul(t.reshape(-1, *shape[-3:]), scale).add_(shift).reshape(shape)
+    return normalize_uint8(t) if t.dtype == torch.uint8 else t.float()
 
 
 def epoch_batches(
