@@ -6,9 +6,10 @@ For each source (``demo``: the Demo dataset, 112x112 JPEGs; ``jpeg``: copies of 
 427x640, in an ImageFolder tree) the script prepares Parquet shards, then for each CPU count starts a fresh
 local Ray with that many CPUs and measures, after one warm-up epoch (worker start-up and imports excluded):
 
-- ``stream``: one epoch of ``build_ray_dataset`` consumed as numpy batches (decode + multi-crop in Ray Data);
+- ``stream``: one epoch of ``build_ray_dataset`` through ``epoch_batches`` (decode + multi-crop in Ray
+  Data, tensors in its threads);
 - ``stream f32``: the same with float32 crops crossing the object store instead of uint8;
-- ``train batches``: ``iter_training_batches`` (plus normalisation, masks and collation in the consumer);
+- ``train batches``: ``iter_training_batches`` (plus exact-size batches and iBOT masks);
 - ``in-process``: the augmentation alone in this process with one torch thread, no Ray (per-core rate).
 
 The 1-minute load average is printed before and after: on a shared machine the numbers move with it.
@@ -119,7 +120,7 @@ def bench_source(
                 ds = rp.build_ray_dataset(cfg, emit_uint8=uint8)
 
                 def one_epoch(ds=ds, cfg=cfg) -> int:
-                    return sum(len(b["index"]) for b in rp.epoch_batches(ds, cfg, 0, 0, 0, batch_size=32))
+                    return sum(len(b["indices"]) for b in rp.epoch_batches(ds, cfg, 0, 0, 0, batch_size=32))
 
                 one_epoch()  # warm-up: worker processes, imports
                 n, dt = timed_epoch(one_epoch)

@@ -15,9 +15,9 @@ from synthetic_batches import TINY_SSL, synthetic_batch
 
 from semlab.config import load_config
 from semlab.data.pipeline.augment import DataAugmentationDINO
+from semlab.data.pipeline.crop_batches import rows_to_crop_tensors
 from semlab.data.pipeline.loaders import make_local_data_iterator
 from semlab.data.pipeline.normalize import CROP_KEYS, normalize_uint8, to_device_normalized
-from semlab.data.pipeline.ray_pipeline import make_worker_collate
 from semlab.train.meta_arch import SSLMetaArch
 
 ONE_LEVEL = 1.0 / (255 * 0.225)  # one pixel level in normalised units (largest std channel: smallest step)
@@ -70,7 +70,7 @@ def test_local_loader_batches_uint8_and_device_normalisation_matches():
     assert torch.equal(moved["collated_masks"], ref["collated_masks"])
 
 
-def test_ray_worker_collate_keeps_uint8_when_normalising_on_device():
+def test_ray_collate_keeps_uint8_when_normalising_on_device():
     rng = np.random.default_rng(0)
     batch = {
         "global_crops": rng.integers(0, 256, (4, 2, 3, 70, 70), dtype=np.uint8),
@@ -78,14 +78,15 @@ def test_ray_worker_collate_keeps_uint8_when_normalising_on_device():
         "label": np.arange(4),
         "index": np.arange(4),
     }
-    out = {}
-    for flag in ("false", "true"):
-        cfg = load_config("train/demo_tiny", [f"data.normalize_on_device={flag}"])
-        out[flag] = make_worker_collate(cfg, seed=5)(batch)
-    assert out["true"]["collated_global_crops"].dtype == torch.uint8
-    moved = to_device_normalized(out["true"], torch.device("cpu"))
+    on_host = rows_to_crop_tensors(batch, normalise=True)
+    kept = rows_to_crop_tensors(batch, normalise=False)
+    assert kept["global_crops"].dtype == torch.uint8 and on_host["global_crops"].dtype == torch.float32
+    moved = to_device_normalized(
+        {"collated_global_crops": kept["global_crops"], "collated_local_crops": kept["local_crops"]},
+        torch.device("cpu"),
+    )
     for key in CROP_KEYS:
-        assert (moved[key] - out["false"][key]).abs().max().item() < 1e-5
+        assert (moved[key] - on_host[key.removeprefix("collated_")]).abs().max().item() < 1e-5
 
 
 def test_training_step_on_uint8_batch_equals_float_batch():

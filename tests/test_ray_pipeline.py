@@ -17,6 +17,7 @@ from semlab.config import load_config
 from semlab.data.datasets.demo import DEMO_CLASSES
 from semlab.data.datasets.shards import prepare_shards
 from semlab.data.pipeline import ray_pipeline as rp
+from semlab.data.pipeline.normalize import normalize_uint8
 from semlab.orchestration.cluster import start_local
 from semlab.orchestration.trainer import make_data_config
 
@@ -88,8 +89,8 @@ def test_augment_batch_is_a_function_of_seed_epoch_index_and_uint8_is_exact(shar
     assert u8["local_crops"].shape == (3, 2, 3, 48, 48)
     assert f32["global_crops"].dtype == np.float32
     # uint8 across the object store, normalised in the worker: bit-identical to the float pipeline
-    assert torch.equal(rp._normalise(u8["global_crops"]), torch.from_numpy(f32["global_crops"]))
-    assert torch.equal(rp._normalise(u8["local_crops"]), torch.from_numpy(f32["local_crops"]))
+    for key in ("global_crops", "local_crops"):
+        assert torch.equal(normalize_uint8(torch.from_numpy(u8[key])), torch.from_numpy(f32[key]))
     # same (seed, epoch, index) -> same crops, whatever the batch; another epoch or seed -> other crops
     alone = rp.augment_batch({k: v[1:2] for k, v in batch.items()}, crops=crops, seed=0, epoch=3)
     np.testing.assert_array_equal(alone["global_crops"][0], u8["global_crops"][1])
@@ -99,14 +100,6 @@ def test_augment_batch_is_a_function_of_seed_epoch_index_and_uint8_is_exact(shar
     assert not np.array_equal(other_seed["global_crops"], u8["global_crops"])
     np.testing.assert_array_equal(u8["index"], batch["index"])
     np.testing.assert_array_equal(u8["label"], batch["label"])
-
-
-def test_rebatch_carries_partial_batches_over():
-    def chunk(a, b):
-        return {"index": np.arange(a, b), "label": np.zeros(b - a, np.int64)}
-
-    out = list(rp._rebatch(iter([chunk(0, 4), chunk(4, 7), chunk(7, 11), chunk(11, 12)]), 4))
-    assert [b["index"].tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
 
 
 def test_cpu_budget_check():

@@ -52,7 +52,37 @@ def collate_data_and_cast(
     else:
         local_crops = torch.empty(0, *global_crops.shape[1:2], 0, 0)
 
-    n_crops = len(global_crops)
+    masks = draw_ibot_masks(
+        len(global_crops), mask_generator, n_tokens, mask_ratio_tuple, mask_probability, rng
+    )
+    labels = torch.as_tensor([int(s[1]) for s in samples_list], dtype=torch.long)
+    indices = torch.as_tensor([int(s[2]) if len(s) > 2 else -1 for s in samples_list], dtype=torch.long)
+    return {  # uint8 crops (normalised later, on the device) stay uint8
+        "collated_global_crops": global_crops.to(dtype) if global_crops.is_floating_point() else global_crops,
+        "collated_local_crops": local_crops.to(dtype) if local_crops.is_floating_point() else local_crops,
+        **masks,
+        "labels": labels,
+        "indices": indices,
+    }
+
+
+def draw_ibot_masks(
+    n_crops: int,
+    mask_generator: MaskingGenerator,
+    n_tokens: int | None = None,
+    mask_ratio_tuple: Sequence[float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+    random: Any = None,
+) -> dict[str, Any]:
+    """The iBOT mask entries of a batch dict for ``n_crops`` global crops (module docstring).
+
+    ``M = int(n_crops * mask_probability)`` crops get a block mask of ``int(N * U[p_i, p_{i+1}])``
+    patches (``p = linspace(r_min, r_max, M + 1)``), the others an empty one, in a shuffled order.
+    ``random``: as in :func:`collate_data_and_cast`; pass one generator (or :class:`UniformSource`) to keep
+    one stream across batches. Returns ``collated_masks``, ``mask_indices_list``,
+    ``masks_weight``, ``upperbound`` and ``n_masked_patches``.
+    """
+    rng = UniformSource(random)
     n_patches = int(n_tokens) if n_tokens is not None else mask_generator.num_patches
     n_masked_crops = int(n_crops * mask_probability)
     probs = np.linspace(float(mask_ratio_tuple[0]), float(mask_ratio_tuple[1]), n_masked_crops + 1)
@@ -70,17 +100,10 @@ def collate_data_and_cast(
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     per_crop = collated_masks.sum(-1).clamp(min=1).to(torch.float32)
     masks_weight = (1.0 / per_crop).unsqueeze(-1).expand_as(collated_masks)[collated_masks]
-
-    labels = torch.as_tensor([int(s[1]) for s in samples_list], dtype=torch.long)
-    indices = torch.as_tensor([int(s[2]) if len(s) > 2 else -1 for s in samples_list], dtype=torch.long)
-    return {  # uint8 crops (normalised later, on the device) stay uint8
-        "collated_global_crops": global_crops.to(dtype) if global_crops.is_floating_point() else global_crops,
-        "collated_local_crops": local_crops.to(dtype) if local_crops.is_floating_point() else local_crops,
+    return {
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
         "upperbound": upperbound,
         "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
-        "labels": labels,
-        "indices": indices,
     }

@@ -6,9 +6,10 @@ Pipeline (``build_ray_dataset``)::
       -> map_batches(augment_batch, num_cpus=data.map_num_cpus,    # decode + DINOv2 multi-crop, on Data CPUs
                      compute=TaskPoolStrategy(data.map_concurrency))
       -> per worker: streaming_split (Ray Train) -> iter_training_batches:
-         local shuffle buffer, batches of train.batch_size_per_gpu, uint8 -> normalised float,
-         masks + collate (semlab.data.pipeline.collate) in a background thread of the worker, ahead of the
-         training step -> the batch dict of the training step.
+         iter_torch_batches (local shuffle buffer, prefetch, collate_fn = crop-major tensors, normalised
+         or uint8, pinned on CUDA; in Ray Data's threads)
+         -> background thread: batches of exactly train.batch_size_per_gpu + iBOT masks
+            (semlab.data.pipeline.crop_batches) -> the batch dict of the training step.
 
 Randomness, all derived from the training seed ``s``:
 
@@ -48,7 +49,8 @@ import torch
 
 from semlab.data.datasets.parquet import ShardFormatError, parse_parquet_dataset_str, shard_paths
 from semlab.data.pipeline.augment import make_augmentation
-from semlab.data.pipeline.normalize import norm_constants, normalize_uint8
+from semlab.data.pipeline.crop_batches import recut, rows_to_crop_tensors, with_masks
+from semlab.data.pipeline.normalize import norm_constants
 from semlab.data.pipeline.prefetch import prefetch_in_thread
 
 logger = logging.getLogger(__name__)
@@ -264,44 +266,38 @@ def build_ray_dataset(
 # ---- the training-worker side ---------------------------------------------------------------------------
 
 
-def _rebatch(stream: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Exactly ``batch_size`` rows per output batch, carrying partial batches over (across epochs)."""
-    pending: list[dict[str, np.ndarray]] = []
-    count = 0
-    for batch in stream:
-        n = len(batch["index"])
-        if not pending and n == batch_size:
-            yield batch
-            continue
-        pending.append(batch)
-        count += n
-        while count >= batch_size:
-            merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
-            yield {k: v[:batch_size] for k, v in merged.items()}
-            rest = {k: v[batch_size:] for k, v in merged.items()}
-            count -= batch_size
-            pending = [rest] if count else []
-
-
-def _normalise(x: np.ndarray) -> torch.Tensor:
-    """uint8 crops (..., 3, H, W) -> ``x * scale + shift`` in float32 (:func:`normalize_uint8`)."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return normalize_uint8(t) if t.dtype == torch.uint8 else t.float()
-
-
 def epoch_batches(
     dataset_shard: Any, cfg: Any, seed: int, epoch: int, rank: int = 0, batch_size: int | None = None
-) -> Iterator[dict[str, np.ndarray]]:
-    """One pass (epoch) over a shard: numpy batches through a local shuffle buffer seeded by (seed, epoch,
-    rank)."""
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass (epoch) over a shard as crop-major tensor batches, through a local shuffle buffer seeded by
+    (seed, epoch, rank).
+
+    Ray Data's ``iter_torch_batches`` does the work off the caller's thread: it prefetches
+    ``data.prefetch_batches`` batches, runs :func:`~semlab.data.pipeline.crop_batches.rows_to_crop_tensors`
+    as its ``collate_fn`` in its format threads, and pins the tensors when CUDA is available. The tensors
+    stay on the host (``device="cpu"``): the training step copies them, non-blocking, to its device.
+    """
     buffer = int(cfg.data.shuffle_buffer_size or 0)
-    return dataset_shard.iter_batches(
+    return dataset_shard.iter_torch_batches(
         batch_size=int(batch_size or cfg.train.batch_size_per_gpu),
-        batch_format="numpy",
         prefetch_batches=int(cfg.data.prefetch_batches),
+        device="cpu",
+        collate_fn=_crop_collate(normalise=not bool(cfg.data.get("normalize_on_device", False))),
+        pin_memory=torch.cuda.is_available(),
         local_shuffle_buffer_size=buffer if buffer > 0 else None,
         local_shuffle_seed=_mix(seed, epoch, rank) % 2**32 if buffer > 0 else None,
     )
+
+
+def _crop_collate(normalise: bool) -> Any:
+    """Stage 1 of :mod:`semlab.data.pipeline.crop_batches` as the ``NumpyBatchCollateFn`` Ray asks for."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class CropCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return rows_to_crop_tensors(batch, normalise)
+
+    return CropCollate()
 
 
 def iter_training_batches(
@@ -311,25 +307,27 @@ def iter_training_batches(
 
     ``dataset_shard`` is ``ray.train.get_dataset_shard("train")`` inside a Ray Train worker, or any Ray
     ``Dataset``/``DataIterator``. Each pass over it is one epoch (``epoch_start``, ``epoch_start + 1``, ...;
-    keep it equal to the ``epoch_start`` given to :func:`build_ray_dataset`). Rows are grouped into batches of
-    exactly ``train.batch_size_per_gpu`` (a partial batch at the end of an epoch is completed from the next
-    one), crops are normalised here, and masks + collation come from ``semlab.data.pipeline.collate``,
-    run by a background thread up to ``data.collate_prefetch_batches`` batches ahead of the consumer
-    (:mod:`semlab.data.pipeline.prefetch`; 0 = on the consumer's thread):
-    the yielded
-    dict is the batch dict of docs/architecture.md. ``rank`` (the caller's world rank: the Ray Train
-    worker passes its own) seeds the shuffle and the masks.
+    keep it equal to the ``epoch_start`` given to :func:`build_ray_dataset`). The yielded dict is the batch
+    dict of docs/architecture.md. ``rank`` (the caller's world rank: the Ray Train worker passes its own)
+    seeds the shuffle and the masks. Nothing runs on the caller's thread but the hand-over:
+
+    - :func:`epoch_batches`: Ray Data's threads turn rows into crop-major tensors (normalised, or uint8
+      with ``data.normalize_on_device``), pinned when CUDA is available;
+    - one background thread, up to ``data.collate_prefetch_batches`` batches ahead (0: on the caller's
+      thread), cuts them into batches of exactly ``train.batch_size_per_gpu`` rows (a partial batch at the
+      end of an epoch is completed from the next one) and draws their iBOT masks
+      (:mod:`semlab.data.pipeline.crop_batches`).
     """
     rank = int(rank)
     batch_size = int(cfg.train.batch_size_per_gpu)
-    collate = make_worker_collate(cfg, seed=_mix(seed, rank, 7))
+    draw_masks = make_mask_drawer(cfg, seed=_mix(seed, rank, 7))
 
-    def stream() -> Iterator[dict[str, np.ndarray]]:
+    def stream() -> Iterator[dict[str, torch.Tensor]]:
         epoch = int(epoch_start)
         while True:
             rows = 0
             for batch in epoch_batches(dataset_shard, cfg, seed, epoch, rank, batch_size):
-                rows += len(batch["index"])
+                rows += int(batch["labels"].shape[0])
                 yield batch
             if rows == 0:
                 raise RayDataConfigError(
@@ -338,63 +336,25 @@ def iter_training_batches(
                 )
             epoch += 1
 
-    collated = (collate(batch) for batch in _rebatch(stream(), batch_size))
-    # collation of the next batches overlaps the training step (data.collate_prefetch_batches ahead)
+    exact = recut(stream(), batch_size, pin=torch.cuda.is_available())
+    assembled = (with_masks(batch, draw_masks) for batch in exact)
     depth = int(cfg.data.get("collate_prefetch_batches", 0))
-    yield from prefetch_in_thread(collated, depth, name=f"semlab-collate-rank{rank}")
+    yield from prefetch_in_thread(assembled, depth, name=f"semlab-collate-rank{rank}")
 
 
-def make_worker_collate(cfg: Any, seed: int) -> Any:
-    """A function numpy batch -> batch dict: normalises the crops, then ``collate_data_and_cast`` draws the
-    iBOT masks (DINOv2 settings: a ``(G/p) x (G/p)`` grid, at most half of it per block mask, ratios
-    ``ibot.mask_ratio_min_max`` on ``ibot.mask_sample_probability`` of the global crops) from a generator
-    seeded with ``seed``. With ``data.normalize_on_device`` the crops stay uint8 (pinned when CUDA is
-    available) and the training step normalises them on its device."""
-    from semlab.data.pipeline.collate import collate_data_and_cast
+def make_mask_drawer(cfg: Any, seed: int) -> Any:
+    """``draw(n_global_crops) -> iBOT mask entries`` from one generator seeded with ``seed`` (DINOv2
+    settings: a ``(G/p) x (G/p)`` grid, at most half of it per block mask, ratios ``ibot.mask_ratio_min_max``
+    on ``ibot.mask_sample_probability`` of the global crops); the stream of masks continues across calls."""
+    from semlab.data.pipeline.collate import draw_ibot_masks
     from semlab.data.pipeline.loaders import make_masking
-    from semlab.data.pipeline.normalize import pin_crops
 
     mask_generator, n_tokens = make_masking(cfg)
     ratios = tuple(float(r) for r in cfg.ibot.mask_ratio_min_max)
     probability = float(cfg.ibot.mask_sample_probability)
     rng = np.random.default_rng(seed)
 
-    on_device = bool(cfg.data.get("normalize_on_device", False))
-    prepare = _uint8_tensor if on_device else _normalise
+    def draw(n_crops: int) -> dict[str, Any]:
+        return draw_ibot_masks(n_crops, mask_generator, n_tokens, ratios, probability, rng)
 
-    def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        global_crops, local_crops = prepare(batch["global_crops"]), prepare(batch["local_crops"])
-        samples = [
-            (
-                {
-                    "global_crops": list(global_crops[b].unbind(0)),
-                    "local_crops": list(local_crops[b].unbind(0)),
-                },
-                int(label),
-                int(index),
-            )
-            for b, (label, index) in enumerate(zip(batch["label"], batch["index"]))
-        ]
-        collated = collate_data_and_cast(
-            samples,
-            mask_ratio_tuple=ratios,
-            mask_probability=probability,
-            dtype=torch.float32,
-            n_tokens=n_tokens,
-            mask_generator=mask_generator,
-            random=rng,
-        )
-        return pin_crops(collated) if on_device else collated
-
-    return collate
-
-
-def _uint8_tensor(x: np.ndarray) -> torch.Tensor:
-    """uint8 crops as a tensor, not normalised (``data.normalize_on_device``: the training device does it)."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if t.dtype != torch.uint8:
-        raise RayDataConfigError(
-            "data.normalize_on_device needs uint8 crops from the Ray dataset "
-            "(build_ray_dataset(emit_uint8=True), the default)"
-        )
-    return t
+    return draw
