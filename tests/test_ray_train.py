@@ -217,6 +217,25 @@ def test_ray_data_backend_trains_across_epoch_ends(ray_cluster, tmp_path):
 
 
 # --------------------------------------------------------------------------- no cluster needed
+def test_ray_report_lines_are_quieted_in_workers():
+    """Ray Train's per-report INFO line (the whole metrics dict, from every rank) goes; its warnings stay."""
+    import logging
+
+    import ray.train.v2._internal.execution.context as ray_context
+
+    from semlab.orchestration.worker import quiet_ray_report_lines
+
+    ray_logger = logging.getLogger(ray_context.__file__)  # the name Ray logs that line under
+    saved = ray_logger.level
+    try:
+        ray_logger.setLevel(logging.DEBUG)
+        quiet_ray_report_lines()
+        assert not ray_logger.isEnabledFor(logging.INFO)
+        assert ray_logger.isEnabledFor(logging.WARNING)
+    finally:
+        ray_logger.setLevel(saved)
+
+
 def test_command_line_flags_map_to_ray_keys():
     from semlab.orchestration.launch import build_parser, load_run_config
 

@@ -61,6 +61,22 @@ def configure_worker_logging(rank: int) -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
+    quiet_ray_report_lines()
+
+
+def quiet_ray_report_lines() -> None:
+    """Ray Train (2.60) logs every ``ray.train.report`` at INFO from every rank, with the whole metrics
+    dict ("Reporting training result N: TrainingReport(...)"), under a logger named after its source file;
+    rank 0's progress line already carries those metrics each log period. Raise that logger to WARNING
+    (a no-op on a Ray without that module)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    except ImportError:
+        return
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def write_cache_note(output_dir: Path, storage: str) -> None:

@@ -39,6 +39,7 @@ DTensor gradients of FSDP2 (the norm is reduced over shards).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -135,11 +136,21 @@ def broadcast_from_rank0(modules: Iterable[nn.Module]) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
+# torch 2.14 warns whenever an FSDP2 module returns a view (an in-place op on it would skip the hook that
+# all-gathers the parameters for backward). The backbone's outputs are slices of its final norm, as in the
+# reference, and the training step only reads them out of place (chunk, index_select, heads); the
+# two-rank FULL_SHARD / SHARD_GRAD_OP runs of tests/test_parallel.py, iBOT masks included, equal the
+# single-process gradients, which a dropped hook would break. The warning, repeated in every worker's
+# log, would only alarm.
+_VIEW_OUTPUT_WARNING = r"FSDP2-wrapped module \(.*\) returned a view tensor"
+
+
 def _shard_tower(
     tower: nn.ModuleDict, mesh: Any, reshard_after_forward: bool, mp_policy: Any, is_teacher: bool
 ) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    warnings.filterwarnings("ignore", message=_VIEW_OUTPUT_WARNING, category=UserWarning)
     for _, module in _unique_modules(tower):
         blocks = transformer_blocks(module)
         n = len(blocks)
