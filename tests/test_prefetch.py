@@ -61,9 +61,11 @@ def test_closing_the_consumer_stops_the_producer():
             yield i
             i += 1
 
-    out = prefetch_in_thread(endless(), depth=2, name="collate-stop")
+    source = endless()
+    out = prefetch_in_thread(source, depth=2, name="collate-stop")
     assert next(out) == 0
     out.close()
+    assert source.gi_frame is None  # the source was closed (its resources released) before close returned
     time.sleep(0.5)
     count = len(made)
     time.sleep(0.3)

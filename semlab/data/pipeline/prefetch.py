@@ -6,7 +6,8 @@ that the batch collation (uint8 -> tensors, iBOT mask drawing, ``collate_data_an
 ``t + 1`` overlaps the training step of batch ``t`` instead of running between steps on the training
 thread. One producer thread means the same items in the same order, so seeded streams (the masks'
 generator) stay deterministic. An exception in the producer is raised in the consumer at the item
-where it happened; closing the consumer's generator stops the producer at its next item.
+where it happened; closing the consumer's generator stops the producer at its next item and closes the
+source iterator.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ T = TypeVar("T")
 _END = object()
 
 
-def prefetch_in_thread(items: Iterator[T], depth: int, name: str = "semlab-prefetch") -> Iterator[T]:
-    """The items of ``items`` in order, produced by a daemon thread up to ``depth`` ahead (0: inline)."""
+def prefetch_in_thread(
+    items: Iterator[T], depth: int, name: str = "semlab-prefetch", join_timeout_s: float = 5.0
+) -> Iterator[T]:
+    """The items of ``items`` in order, produced by a daemon thread up to ``depth`` ahead (0: inline).
+
+    Closing the returned generator stops the thread, which closes ``items`` (when it has ``close``); the
+    close waits up to ``join_timeout_s`` for that."""
     if depth <= 0:
         yield from items
         return
@@ -45,6 +51,10 @@ def prefetch_in_thread(items: Iterator[T], depth: int, name: str = "semlab-prefe
             put((_END, None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             put((None, exc))
+        finally:  # a source that holds resources (a Ray Data iterator) releases them in this thread
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
@@ -58,3 +68,6 @@ def prefetch_in_thread(items: Iterator[T], depth: int, name: str = "semlab-prefe
             yield item
     finally:
         stop.set()
+        # wait (briefly: the producer may be inside a slow next()) for it to close its source, so a caller
+        # that shuts down what the source reads from (ray.shutdown) does so after the source is closed
+        thread.join(timeout=join_timeout_s)
