@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU run (about 8 minutes, torch only, no network needed) on a bare H100/H200 machine:
+# One GPU run (about 9 minutes, torch only, no network needed) on a bare H100/H200 machine:
 # checks every speed variant of the vitl14_sem_L512 step against eager and times it, at batch 32 and
 # at the recipe's batch 64, with the allocator capped at an H100 80GB's 79.6 GiB; then the input path
-# (decode + multi-crop) per CPU core of that machine. Everything goes to $OUT (default ./gpu_check_out).
+# (decode + multi-crop) per CPU core of that machine, and what the batch assembly costs a real step.
+# Everything goes to $OUT (default ./gpu_check_out).
 #
 #   bash benchmarks/gpu_check.sh                     # from the repository root
 #   XFORMERS_WHEEL=/path/xformers-0.0.35-...whl bash benchmarks/gpu_check.sh   # also the xFormers variants
@@ -54,3 +55,8 @@ run b64 240 --batch 64 $CAP --warmup 2 --steps 5 --sync-debug \
 # 3. the input path on this machine's CPU: images/s per core and cores per GPU for 170 images/s
 timeout 60 $PY benchmarks/input_path.py --rounds 3 --images 24 > "$OUT/input_path.txt" 2>&1
 cat "$OUT/input_path.txt"
+
+# 4. the Ray Data path's batch assembly (rows -> tensors -> exact-size batches + iBOT masks) beside a real
+#    step, batch 32, uint8 crops normalised on the GPU: a fixed batch vs batches assembled on the training
+#    thread (inline) or in background threads (threaded, as in training); the gap is what assembly costs
+run feed 150 --batch 32 $CAP --warmup 3 --steps 10 --variants normalize-on-device --feeds fixed,inline,threaded

@@ -36,6 +36,12 @@ Timing: ``--warmup`` steps (the first one's wall time is reported as ``first_s``
 compiled variants), then ``--steps`` timed steps:
 
     images/s = batch * timed steps / wall time of the timed steps (CUDA synchronised)
+
+``--feeds``: ``fixed`` feeds every step the same batch (float crops resident on the device, or uint8 crops
+copied from pinned memory with ``data.normalize_on_device``); ``inline`` and ``threaded`` feed the steps
+after the checked first one with batches assembled as on the Ray Data path (``input_pipeline``), on the
+training thread or in background threads, so the difference to ``fixed`` is what the assembly costs a
+real step (the GIL included).
     MFU      = images/s * TFLOP per image / --peak-tflops
 
 TFLOP per image: 2.197 for the seed recipe (the reference's profiler count), else the analytic
@@ -141,6 +147,46 @@ def synthetic_batch(cfg, batch: int, seed: int = 0, uint8: bool = False) -> dict
     return out
 
 
+def input_pipeline(cfg, batch: int, threaded: bool, pin: bool):
+    """Batches assembled as on the Ray Data path, from pre-made augmented rows (random uint8 crops, so no
+    decoding is timed): rows -> crop-major tensors (pinned: Ray's ``collate_fn`` + ``pin_memory``) ->
+    exact-size batches + iBOT masks (semlab.data.pipeline.crop_batches). The first rows are an epoch's end
+    of 3, so every batch after it is joined from two (one copy each): the steady state after the first
+    epoch whenever a worker's share of the data is not a multiple of the batch. ``threaded``: each stage
+    in its own background thread, 2 batches ahead (Ray runs the first in its format threads); else
+    everything on the training thread."""
+    from semlab.data.pipeline.crop_batches import make_mask_drawer, recut, rows_to_crop_tensors, with_masks
+    from semlab.data.pipeline.prefetch import prefetch_in_thread
+
+    rng = np.random.default_rng(0)
+    gs, ls, n_loc = (int(cfg.crops.global_crops_size), int(cfg.crops.local_crops_size),
+                     int(cfg.crops.local_crops_number))  # fmt: skip
+    made = [
+        {"global_crops": rng.integers(0, 256, (batch, 2, 3, gs, gs), dtype=np.uint8),
+         "local_crops": rng.integers(0, 256, (batch, n_loc, 3, ls, ls), dtype=np.uint8),
+         "label": np.zeros(batch, dtype=np.int64), "index": np.arange(batch, dtype=np.int64)}
+        for _ in range(2)
+    ]  # fmt: skip
+    normalise = not bool(cfg.data.normalize_on_device)
+
+    def rows():
+        yield {k: v[:3] for k, v in made[0].items()}
+        i = 0
+        while True:
+            yield made[i % 2]
+            i += 1
+
+    def tensors(r):
+        t = rows_to_crop_tensors(r, normalise)
+        return {k: v.pin_memory() for k, v in t.items()} if pin else t
+
+    depth = 2 if threaded else 0
+    stage1 = prefetch_in_thread((tensors(r) for r in rows()), depth, name="bench-tensors")
+    draw = make_mask_drawer(cfg, seed=0)
+    batches = (with_masks(b, draw) for b in recut(stage1, batch, pin=pin))
+    return prefetch_in_thread(batches, depth, name="bench-masks")
+
+
 def first_samples(b: int, ratio: float, device: torch.device) -> torch.Tensor:
     """Stochastic depth's sample subset, made deterministic: the first ``subset_size`` samples."""
     return torch.arange(layers.subset_size(b, ratio), device=device)
@@ -161,7 +207,12 @@ class VariantError(RuntimeError):
 
 
 def run_variant(
-    name: str, args: argparse.Namespace, device: torch.device, reference: dict | None, keep_reference: bool
+    name: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    reference: dict | None,
+    keep_reference: bool,
+    feed_mode: str = "fixed",
 ) -> dict:
     """Build, check against ``reference`` (the eager variant's losses and gradients) and time one variant;
     ``keep_reference``: return this variant's losses and gradients as the reference."""
@@ -194,18 +245,23 @@ def run_variant(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     device_batch = None if uint8 else to_device(batch, device)
+    stream = None if feed_mode == "fixed" else input_pipeline(cfg, args.batch, feed_mode == "threaded", cuda)
 
-    def feed() -> dict:  # uint8 crops are copied (and normalised) every step, as in training
+    def fixed() -> dict:  # uint8 crops are copied (and normalised) every step, as in training
         return batch if device_batch is None else device_batch
+
+    def feed() -> dict:  # after the checked first step: the input pipeline's batches, when asked for
+        return fixed() if stream is None else next(stream)
 
     t0 = time.perf_counter()
     torch.manual_seed(1)
-    first = step_fn(model, optimizer, feed(), schedules.at(0), clip)
+    first = step_fn(model, optimizer, fixed(), schedules.at(0), clip)
     sync()
     first_s = time.perf_counter() - t0
     losses = losses_of(first)
-    result: dict[str, Any] = {"variant": name, "overrides": overrides, "first_s": round(first_s, 2),
-                              "is_reference": keep_reference}
+    label = name if feed_mode == "fixed" else f"{name} [{feed_mode} input]"
+    result: dict[str, Any] = {"variant": label, "overrides": overrides, "first_s": round(first_s, 2),
+                              "is_reference": keep_reference, "feed": feed_mode}
     if reference is not None and not args.random_drop_path:
         loss_err = max(abs(losses[k] - reference["losses"][k]) / max(abs(reference["losses"][k]), 1e-6)
                        for k in reference["losses"])
@@ -238,6 +294,8 @@ def run_variant(
             torch.cuda.set_sync_debug_mode(0)
     sync()
     seconds = time.perf_counter() - t0
+    if stream is not None:
+        stream.close()
     losses = losses_of(out)
     images_per_s = args.batch * args.steps / seconds
     result.update(
@@ -301,6 +359,9 @@ def main() -> None:
     parser.add_argument("--grad-tol", type=float, default=None, help="5e-2 on CUDA (bf16), 1e-3 on CPU")
     parser.add_argument("--random-drop-path", action="store_true", help="random stochastic depth; no check")
     parser.add_argument("--sync-debug", action="store_true", help="CUDA syncs in sync-free steps: an error")
+    parser.add_argument("--feeds", default="fixed",
+                        help="comma separated: fixed (one batch, default), inline or threaded (batches "
+                             "assembled as on the Ray Data path, on the training thread or beside it)")
     parser.add_argument("--json-out", default=None, help="also write the results to this file")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. student.arch=vit_small")
     args = parser.parse_args()
@@ -313,6 +374,9 @@ def main() -> None:
     cuda = device.type == "cuda"
     args.loss_tol = args.loss_tol if args.loss_tol is not None else (2e-2 if cuda else 1e-4)
     args.grad_tol = args.grad_tol if args.grad_tol is not None else (5e-2 if cuda else 1e-3)
+    args.feeds = [f.strip() for f in args.feeds.split(",") if f.strip()]
+    if not args.feeds or set(args.feeds) - {"fixed", "inline", "threaded"}:
+        raise SystemExit(f"--feeds takes fixed, inline and threaded, got {args.feeds}")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     names = list(VARIANTS) if names == ["all"] else names
     unknown = [v for v in names if v not in VARIANTS]
@@ -339,14 +403,17 @@ def main() -> None:
 
     results: list[dict] = []
     reference = None
-    for name in names:
+    runs = [(name, feed) for name in names for feed in args.feeds]
+    for name, feed in runs:
+        first = (name, feed) == runs[0]
         try:
-            r = run_variant(name, args, device, reference, keep_reference=name == names[0])
+            r = run_variant(name, args, device, reference, keep_reference=first, feed_mode=feed)
         except torch.OutOfMemoryError:
-            r = {"variant": name, "status": "out of memory"}
+            r = {"variant": name, "feed": feed, "status": "out of memory"}
         except Exception as exc:  # one variant's failure must not lose the others' figures
-            r = {"variant": name, "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-        if name == names[0] and "reference" in r:
+            r = {"variant": name, "feed": feed,
+                 "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}  # fmt: skip
+        if first and "reference" in r:
             reference = r.pop("reference")
         results.append(r)
         release(device)
@@ -368,7 +435,7 @@ def main() -> None:
         "reference_H100_images_per_s": REFERENCE_IMAGES_PER_S,
     }
     print(table(results, args), flush=True)
-    base = next((r for r in results if r["variant"] == names[0]), {})
+    base = results[0] if results else {}
     summary = {**header, **{k: base.get(k) for k in ("images_per_s", "step_ms", "peak_mem_GiB", "losses",
                                                    "losses_finite")}, "variants": results}
     if args.json_out:

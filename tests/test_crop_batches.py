@@ -13,10 +13,9 @@ import torch
 
 from semlab.config import load_config
 from semlab.data.pipeline.collate import collate_data_and_cast
-from semlab.data.pipeline.crop_batches import recut, rows_to_crop_tensors, with_masks
+from semlab.data.pipeline.crop_batches import make_mask_drawer, recut, rows_to_crop_tensors, with_masks
 from semlab.data.pipeline.loaders import make_masking
 from semlab.data.pipeline.normalize import normalize_uint8
-from semlab.data.pipeline.ray_pipeline import make_mask_drawer
 
 B = 4
 

@@ -42,14 +42,17 @@ def test_train_step_benchmark_checks_variants_against_eager() -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--device", "cpu"]
     cmd += ["--config-file", "train/demo_tiny", "--batch", "2", "--warmup", "1", "--steps", "1", *TINY_SSL_48]
     cmd += ["--variants", "eager,chunked-ce,packed-sdpa,compile,flex", "--compile-backend", "aot_eager"]
+    cmd += ["--feeds", "fixed,threaded"]  # threaded: batches assembled as on the Ray Data path
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| variant | images/s | MFU |" in out.stdout
     variants = {r["variant"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])["variants"]}
     assert variants["eager"]["is_reference"] is True
-    for name in ("chunked-ce", "packed-sdpa", "compile"):
+    for name in ("chunked-ce", "packed-sdpa", "compile", "eager [threaded input]"):
         assert variants[name]["check_ok"] is True and variants[name]["grad_err"] < 1e-3, variants[name]
+    fed = variants["eager [threaded input]"]
+    assert fed["losses_finite"] is True and fed["losses"] != variants["eager"]["losses"]  # other batches
     assert variants["flex"]["status"].startswith("skipped")  # no CPU backward
 
 

@@ -12,8 +12,9 @@ The Ray Data path (:mod:`semlab.data.pipeline.ray_pipeline`) splits the collatio
    in a batch of ``N mod B``, which is completed from the next epoch, as the reference's infinite sampler
    does. A batch that already has ``B`` rows passes through untouched; otherwise the rows are copied once
    into a new (pinned, when asked) batch.
-3. :func:`with_masks` -- the iBOT masks of :func:`~semlab.data.pipeline.collate.draw_ibot_masks`, drawn
-   per batch of ``B`` (their number, ``int(2B p)``, depends on ``B``, so they are drawn after the recut).
+3. :func:`with_masks` -- the iBOT masks of :func:`~semlab.data.pipeline.collate.draw_ibot_masks`
+   (one generator across batches: :func:`make_mask_drawer`), drawn per batch of ``B`` (their number,
+   ``int(2B p)``, depends on ``B``, so they are drawn after the recut).
 
 Stages 2 and 3 run on one background thread (:mod:`semlab.data.pipeline.prefetch`), in batch order, so a
 seeded mask generator gives the same masks as the one-call collation on the same rows
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from semlab.data.pipeline.collate import draw_ibot_masks
+from semlab.data.pipeline.loaders import make_masking
 from semlab.data.pipeline.normalize import normalize_uint8
 
 CROPS = ("global_crops", "local_crops")
@@ -133,3 +136,18 @@ def with_masks(batch: dict[str, Tensor], draw_masks: Callable[[int], dict[str, A
         "labels": batch["labels"],
         "indices": batch["indices"],
     }
+
+
+def make_mask_drawer(cfg: Any, seed: int) -> Any:
+    """``draw(n_global_crops) -> iBOT mask entries`` from one generator seeded with ``seed`` (DINOv2
+    settings: a ``(G/p) x (G/p)`` grid, at most half of it per block mask, ratios ``ibot.mask_ratio_min_max``
+    on ``ibot.mask_sample_probability`` of the global crops); the stream of masks continues across calls."""
+    mask_generator, n_tokens = make_masking(cfg)
+    ratios = tuple(float(r) for r in cfg.ibot.mask_ratio_min_max)
+    probability = float(cfg.ibot.mask_sample_probability)
+    rng = np.random.default_rng(seed)
+
+    def draw(n_crops: int) -> dict[str, Any]:
+        return draw_ibot_masks(n_crops, mask_generator, n_tokens, ratios, probability, rng)
+
+    return draw

@@ -49,7 +49,7 @@ import torch
 
 from semlab.data.datasets.parquet import ShardFormatError, parse_parquet_dataset_str, shard_paths
 from semlab.data.pipeline.augment import make_augmentation
-from semlab.data.pipeline.crop_batches import recut, rows_to_crop_tensors, with_masks
+from semlab.data.pipeline.crop_batches import make_mask_drawer, recut, rows_to_crop_tensors, with_masks
 from semlab.data.pipeline.normalize import norm_constants
 from semlab.data.pipeline.prefetch import prefetch_in_thread
 
@@ -340,21 +340,3 @@ def iter_training_batches(
     assembled = (with_masks(batch, draw_masks) for batch in exact)
     depth = int(cfg.data.get("collate_prefetch_batches", 0))
     yield from prefetch_in_thread(assembled, depth, name=f"semlab-collate-rank{rank}")
-
-
-def make_mask_drawer(cfg: Any, seed: int) -> Any:
-    """``draw(n_global_crops) -> iBOT mask entries`` from one generator seeded with ``seed`` (DINOv2
-    settings: a ``(G/p) x (G/p)`` grid, at most half of it per block mask, ratios ``ibot.mask_ratio_min_max``
-    on ``ibot.mask_sample_probability`` of the global crops); the stream of masks continues across calls."""
-    from semlab.data.pipeline.collate import draw_ibot_masks
-    from semlab.data.pipeline.loaders import make_masking
-
-    mask_generator, n_tokens = make_masking(cfg)
-    ratios = tuple(float(r) for r in cfg.ibot.mask_ratio_min_max)
-    probability = float(cfg.ibot.mask_sample_probability)
-    rng = np.random.default_rng(seed)
-
-    def draw(n_crops: int) -> dict[str, Any]:
-        return draw_ibot_masks(n_crops, mask_generator, n_tokens, ratios, probability, rng)
-
-    return draw
