@@ -111,6 +111,8 @@ def recut(
     count = 0
     for batch in batches:
         n = int(batch["labels"].shape[0])
+        if n == 0:
+            continue
         if not pending and n == batch_size:
             yield batch
             continue
