@@ -6,8 +6,9 @@
   space as params (``search.<key>`` = ``grid [8, 16]``...). The trials tag their runs
   ``mlflow.parentRunId`` = its id, so the MLflow UI nests them under it.
 - :func:`finish_sweep_parent` tags each child ``semlab.stop_reason`` (finished, early-stopped,
-  failed) and ``semlab.best_trial`` (true on the best one), ends the runs of stopped trials that the
-  scheduler killed while RUNNING (status KILLED), and writes onto the parent the best
+  failed) and ``semlab.best_trial`` (true on the best one), ends every early-stopped trial's run KILLED
+  (whether the scheduler killed it while RUNNING or its worker ended it FAILED when the stop interrupted
+  it) and a failed trial's run left RUNNING FAILED, and writes onto the parent the best
   trial (``semlab.best_trial``, ``semlab.best_run_id``), the best value of the sweep metric under the
   metric's own name, and the results CSV and PNG as artifacts.
 
@@ -79,8 +80,13 @@ def finish_sweep_parent(run: RunLogger, rows: list[dict[str, Any]], metric: str,
         if row.get("error"):
             tags["semlab.error"] = str(row["error"])[:4000]
         run.set_tags(tags, run_id=child.info.run_id)
-        if child.info.status == "RUNNING":  # killed by the scheduler (or failed) before it could end its run
-            status = "KILLED" if row["stop_reason"] == "early-stopped" else "FAILED"
+        stopped = row["stop_reason"] == "early-stopped"
+        # Killed by the scheduler (or failed) before it could end its run, the run is still RUNNING. A
+        # trial the scheduler stopped may also have ended its own run FAILED first, when the stop
+        # interrupted its training loop (the worker ends its run FAILED on any exception): the scheduler's
+        # verdict wins, so that every early-stopped trial reads KILLED.
+        if child.info.status == "RUNNING" or (stopped and child.info.status == "FAILED"):
+            status = "KILLED" if stopped else "FAILED"
             run._safe(lambda c=child, s=status: _end_run(run, c.info.run_id, s, metric))
     if best is not None:
         best_child = children.get(best["trial"])
@@ -95,7 +101,8 @@ def finish_sweep_parent(run: RunLogger, rows: list[dict[str, Any]], metric: str,
 
 
 def _end_run(run: RunLogger, run_id: str, status: str, metric: str) -> None:
-    """End a run left RUNNING, at the time of its last ``metric`` value (when it stopped), not now."""
+    """End a run (left RUNNING, or ended FAILED by a scheduler's stop) at the time of its last ``metric``
+    value (when it stopped), not now."""
     history = run.client.get_metric_history(run_id, metric_key(metric))
     end_ms = max((m.timestamp for m in history), default=None)
     run.client.set_terminated(run_id, status=status, end_time=end_ms)
