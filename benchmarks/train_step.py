@@ -155,7 +155,7 @@ def input_pipeline(cfg, batch: int, threaded: bool, pin: bool):
     epoch whenever a worker's share of the data is not a multiple of the batch. ``threaded``: each stage
     in its own background thread, 2 batches ahead (Ray runs the first in its format threads); else
     everything on the training thread."""
-    from semlab.data.pipeline.crop_batches import make_mask_drawer, recut, rows_to_crop_tensors, with_masks
+    from semlab.data.pipeline.crop_batches import exact_batches_with_masks, rows_to_crop_tensors
     from semlab.data.pipeline.prefetch import prefetch_in_thread
 
     rng = np.random.default_rng(0)
@@ -182,9 +182,7 @@ def input_pipeline(cfg, batch: int, threaded: bool, pin: bool):
 
     depth = 2 if threaded else 0
     stage1 = prefetch_in_thread((tensors(r) for r in rows()), depth, name="bench-tensors")
-    draw = make_mask_drawer(cfg, seed=0)
-    batches = (with_masks(b, draw) for b in recut(stage1, batch, pin=pin))
-    return prefetch_in_thread(batches, depth, name="bench-masks")
+    return exact_batches_with_masks(stage1, cfg, 0, pin, depth, name="bench-masks")
 
 
 def first_samples(b: int, ratio: float, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ The Ray Data path (:mod:`semlab.data.pipeline.ray_pipeline`) splits the collatio
    (one generator across batches: :func:`make_mask_drawer`), drawn per batch of ``B`` (their number,
    ``int(2B p)``, depends on ``B``, so they are drawn after the recut).
 
-Stages 2 and 3 run on one background thread (:mod:`semlab.data.pipeline.prefetch`), in batch order, so a
+Stages 2 and 3 run on one background thread (:func:`exact_batches_with_masks`), in batch order, so a
 seeded mask generator gives the same masks as the one-call collation on the same rows
 (``tests/test_crop_batches.py``).
 """
@@ -34,9 +34,9 @@ from torch import Tensor
 from semlab.data.pipeline.collate import draw_ibot_masks
 from semlab.data.pipeline.loaders import make_masking
 from semlab.data.pipeline.normalize import normalize_uint8
+from semlab.data.pipeline.prefetch import prefetch_in_thread
 
 CROPS = ("global_crops", "local_crops")
-ROWS = ("labels", "indices")
 
 
 def crop_major(x: np.ndarray, normalise: bool) -> Tensor:
@@ -153,3 +153,14 @@ def make_mask_drawer(cfg: Any, seed: int) -> Any:
         return draw_ibot_masks(n_crops, mask_generator, n_tokens, ratios, probability, rng)
 
     return draw
+
+
+def exact_batches_with_masks(
+    tensor_batches: Iterator[dict[str, Tensor]], cfg: Any, seed: int, pin: bool, depth: int, name: str
+) -> Iterator[dict[str, Any]]:
+    """Stages 2 and 3 on one background thread (:func:`~semlab.data.pipeline.prefetch.prefetch_in_thread`,
+    ``depth`` batches ahead; 0: on the caller's thread): batches of exactly ``train.batch_size_per_gpu``
+    rows with iBOT masks drawn from a generator seeded with ``seed``."""
+    draw_masks = make_mask_drawer(cfg, seed)
+    exact = recut(tensor_batches, int(cfg.train.batch_size_per_gpu), pin=pin)
+    return prefetch_in_thread((with_masks(batch, draw_masks) for batch in exact), depth, name=name)

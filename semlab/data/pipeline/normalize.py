@@ -36,13 +36,6 @@ def normalize_uint8(x: Tensor) -> Tensor:
     return x.to(torch.float32).mul_(scale).add_(shift)
 
 
-def pin_crops(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch with its crop tensors in pinned (page-locked) host memory, when CUDA is available."""
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.pin_memory() if k in CROP_KEYS and isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 def to_device_normalized(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Every tensor of ``batch`` moved to ``device`` (non-blocking); uint8 crops are normalised there,
     float crops (normalised on the CPU already) are moved as they are."""

@@ -49,9 +49,8 @@ import torch
 
 from semlab.data.datasets.parquet import ShardFormatError, parse_parquet_dataset_str, shard_paths
 from semlab.data.pipeline.augment import make_augmentation
-from semlab.data.pipeline.crop_batches import make_mask_drawer, recut, rows_to_crop_tensors, with_masks
+from semlab.data.pipeline.crop_batches import exact_batches_with_masks, rows_to_crop_tensors
 from semlab.data.pipeline.normalize import norm_constants
-from semlab.data.pipeline.prefetch import prefetch_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +319,6 @@ def iter_training_batches(
     """
     rank = int(rank)
     batch_size = int(cfg.train.batch_size_per_gpu)
-    draw_masks = make_mask_drawer(cfg, seed=_mix(seed, rank, 7))
 
     def stream() -> Iterator[dict[str, torch.Tensor]]:
         epoch = int(epoch_start)
@@ -336,7 +334,8 @@ def iter_training_batches(
                 )
             epoch += 1
 
-    exact = recut(stream(), batch_size, pin=torch.cuda.is_available())
-    assembled = (with_masks(batch, draw_masks) for batch in exact)
     depth = int(cfg.data.get("collate_prefetch_batches", 0))
-    yield from prefetch_in_thread(assembled, depth, name=f"semlab-collate-rank{rank}")
+    pin = torch.cuda.is_available()
+    yield from exact_batches_with_masks(
+        stream(), cfg, _mix(seed, rank, 7), pin, depth, name=f"semlab-collate-rank{rank}"
+    )
