@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -65,3 +66,64 @@ def proc_table() -> dict[int, tuple[int, str]]:
             continue
         table[int(entry)] = (ppid, cmdline)
     return table
+
+
+def descendants(*roots: int) -> set[int]:
+    """``roots`` and every process below them (Linux /proc)."""
+    table = proc_table()
+    tree, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - tree
+        tree |= frontier
+    return tree
+
+
+def processes_naming(marker: str) -> set[int]:
+    """The processes whose command line contains ``marker`` (a cluster's private temp dir), and their
+    descendants; never this process."""
+    own = {pid for pid, (_, cmd) in proc_table().items() if marker in cmd} - {os.getpid()}
+    return descendants(*own) - {os.getpid()}
+
+
+def _proc_net_address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of a ``/proc/net/tcp{,6}`` entry: 32-bit words in host (little-endian) order."""
+    raw = bytes.fromhex(hex_addr)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    address = ipaddress.ip_address(words)
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, program) of every TCP socket in LISTEN state held open by one of ``pids``
+    (program: the base name of the process's first argument, ``gcs_server``, ``ray::IDLE``)."""
+    owner: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                owner[link[8:-1]] = pid
+    table = proc_table()
+    found = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in owner:  # 0A: TCP_LISTEN
+                    hex_addr, hex_port = local.split(":")
+                    pid = owner[inode]
+                    command = os.path.basename((table.get(pid, (0, "?"))[1].split() or ["?"])[0])
+                    found.append((str(_proc_net_address(hex_addr)), int(hex_port, 16), pid, command))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback

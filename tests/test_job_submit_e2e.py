@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from ray_session import proc_table
+from ray_session import is_loopback, listening_sockets, processes_naming
 from synthetic_batches import TINY_SSL_48
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "token"
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every service of the head on 127.0.0.1 (docs/cluster.md)
     env.pop("RAY_ADDRESS", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -76,12 +77,7 @@ def _ray(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Co
 
 def _stop_head(temp_dir: str) -> None:
     """Terminate the processes of the head started with ``--temp-dir temp_dir`` and their descendants."""
-    table = proc_table()
-    own = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd} - {os.getpid()}
-    frontier = set(own)
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - own
-        own |= frontier
+    own = processes_naming(temp_dir)
     for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
         for pid in own:
             try:
@@ -195,6 +191,10 @@ def test_ray_job_submit_runs_the_pretraining(ray_head, tmp_path):
     assert submitted.returncode == 0, (
         f"ray job submit failed:\n{submitted.stderr[-2000:]}\nhead logs:\n{_head_logs(temp_dir)}"
     )
+    # the head, its job supervisor and the job's workers listen on loopback only, as docs/cluster.md says
+    sockets = listening_sockets(processes_naming(temp_dir))
+    assert "gcs_server" in {program for *_, program in sockets}, sockets
+    assert [s for s in sockets if not is_loopback(s[0])] == []
     status, seen_running = _follow_progress(address, job_id, env)
     logs = _ANSI.sub("", _ray("job", "logs", "--address", address, job_id, env=env, timeout=60).stdout)
     assert status == "SUCCEEDED", f"job {job_id} ended {status}; logs:\n{logs[-6000:]}"

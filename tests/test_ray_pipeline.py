@@ -58,7 +58,7 @@ def ray_session():
     import ray
 
     temp = tempfile.mkdtemp(prefix="semlab-rt-", dir="/tmp")
-    start_local(2, None, 0.25, temp, include_dashboard=False, loopback_only=True)
+    start_local(2, None, 0.25, temp, include_dashboard=False)  # the default: on loopback
     try:
         yield ray
     finally:

@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-from ray_session import ray_session  # noqa: E402
+from ray_session import descendants, is_loopback, listening_sockets, ray_session  # noqa: E402
 from test_ray_train import TINY  # noqa: E402
 
 
@@ -57,6 +57,19 @@ def local_cluster():
 
     with ray_session(lambda temp_dir: start_local(2, None, 0.3, temp_dir), "semlab-tune-"):
         yield
+
+
+def test_local_cluster_listens_on_loopback_only(local_cluster):
+    """The launcher's local cluster (``start_local`` defaults, dashboard included) is private to this
+    machine: every TCP port its processes listen on (GCS, raylet, workers, dashboard and its agents)
+    is bound to a loopback address, none to the machine's outward address or to all interfaces."""
+    import ray
+
+    assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+    sockets = listening_sockets(descendants(os.getpid()))
+    commands = " ".join(command for *_, command in sockets)
+    assert "gcs_server" in commands and "raylet" in commands and "dashboard" in commands.lower(), sockets
+    assert [s for s in sockets if not is_loopback(s[0])] == []
 
 
 def test_tune_sweep_runs_every_trial_and_resumes(local_cluster, tmp_path, monkeypatch):

@@ -12,11 +12,13 @@
 - ``none``: no Ray at all (the launcher runs the plain single-process path).
 - anything else (``10.0.0.5:6379``, ``ray://head:10001``): join that cluster.
 
-A local cluster is started with ``_node_ip_address="127.0.0.1"``, its dashboard (when
-``ray[default]`` is installed; Ray Train's clean-up uses its state API) on 127.0.0.1 only, and a
-bounded object store (``ray.object_store_memory_gb``). Note that Ray 2.60 resolves a loopback node
-address to the machine's own address and its GCS listens on all interfaces; what keeps the local
-cluster private is Ray's token authentication, on by default for local clusters in this version.
+A local cluster is private to this machine: its node address is 127.0.0.1 and every one of its
+services (GCS, raylets, workers, dashboard and its agents, runtime-env agent, Ray Client server)
+listens on 127.0.0.1 only (``ray.local_loopback``, default true; see :func:`_bind_loopback` for why
+``_node_ip_address`` alone is not enough in Ray 2.60). Ray's token authentication, on by default for
+local clusters in this version, guards it besides. ``ray.local_loopback=false`` puts the node on the
+machine's outward address, as Ray does by default, for a local cluster other machines must reach.
+Its object store is bounded (``ray.object_store_memory_gb``).
 """
 
 from __future__ import annotations
@@ -80,13 +82,14 @@ def start_local(
     object_store_memory_gb: float = 4.0,
     temp_dir: str | None = None,
     include_dashboard: bool | None = None,
-    loopback_only: bool = False,
+    loopback_only: bool = True,
 ) -> ClusterHandle:
     """Start a private single-node Ray cluster inside this process (see the module doc).
 
     ``include_dashboard`` None is Ray's default (on when ``ray[default]`` is installed; a Tune
-    sweep needs it); tests and data benchmarks pass False to start faster. ``loopback_only``: the
-    node's address is 127.0.0.1 (not the machine's outward address; see :func:`_bind_loopback`).
+    sweep needs it); tests and data benchmarks pass False to start faster. ``loopback_only`` (default):
+    the node's address is 127.0.0.1 and its services listen there only (see :func:`_bind_loopback`);
+    False leaves Ray's default, the machine's outward address with services on all interfaces.
     """
     if loopback_only:
         _bind_loopback()
@@ -108,6 +111,8 @@ def start_local(
         kwargs["num_gpus"] = int(num_gpus)
     if temp_dir:
         kwargs["_temp_dir"] = str(temp_dir)
+    if not loopback_only:
+        kwargs.pop("_node_ip_address")
     ctx = ray.init(**kwargs)
     address = getattr(ctx, "address_info", {}).get("gcs_address", "local")
     logger.info("started a local Ray cluster (%s CPUs) at %s", num_cpus or "all", address)
@@ -118,19 +123,27 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _bind_loopback() -> None:
-    """Make the next local Ray node use 127.0.0.1 as its address.
+    """Make the next local Ray node use 127.0.0.1 as its address and listen there only.
 
     Ray 2.60 has no public way to do this on Linux: ``ray.init(_node_ip_address="127.0.0.1")`` is
-    replaced by the machine's outward address, and only ``ray._private.ray_constants.ENABLE_RAY_CLUSTER``
-    = False (the single-node mode Ray added for the firewall prompts of ray-project/ray#18730) keeps
-    the loopback address. Ray reads that flag from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is
-    first imported, so the variable is set here, and the constant too when Ray is already imported.
+    replaced by the machine's outward address (GCS, raylet and workers then listen on all
+    interfaces), and only ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` = False (the single-node
+    mode Ray added for the firewall prompts of ray-project/ray#18730) keeps the loopback address, for
+    every service. Ray reads that flag from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is first
+    imported, and the processes the node starts read it again, so the variable is set here (for this
+    process and its children), and the constant too when Ray is already imported. The same variable
+    set to 0 before ``ray start --head`` keeps a hand-started head on loopback (docs/cluster.md).
     """
-    os.environ.setdefault(LOOPBACK_ENV, "0")
-    if os.environ[LOOPBACK_ENV] == "0":
-        import ray._private.ray_constants as ray_constants  # Ray 2.60, see the docstring
+    if os.environ.get(LOOPBACK_ENV, "0") != "0":
+        logger.warning(
+            "%s=%s in the environment is overridden: ray.local_loopback is true, so the local Ray "
+            "cluster listens on 127.0.0.1 only (set ray.local_loopback=false for the outward address)",
+            LOOPBACK_ENV, os.environ[LOOPBACK_ENV],
+        )  # fmt: skip
+    os.environ[LOOPBACK_ENV] = "0"
+    import ray._private.ray_constants as ray_constants  # Ray 2.60, see the docstring
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _join(address: str) -> ClusterHandle:
@@ -162,7 +175,7 @@ def connect(cfg: DictConfig, num_cpus: int | None = None, temp_dir: str | None =
     if ray.is_initialized():
         return ClusterHandle(address="existing", started=False)
     if address.lower() == "local":
-        return start_local(num_cpus, None, float(cfg.ray.object_store_memory_gb), temp_dir)
+        return _start_configured(cfg, num_cpus, temp_dir)
     if address.lower() != "auto":
         return _join(address)
     env_address = os.environ.get("RAY_ADDRESS", "").strip()
@@ -179,7 +192,13 @@ def connect(cfg: DictConfig, num_cpus: int | None = None, temp_dir: str | None =
             logger.warning(
                 "the recorded Ray cluster %s is not reachable (%s); starting a local one", recorded, exc
             )
-    return start_local(num_cpus, None, float(cfg.ray.object_store_memory_gb), temp_dir)
+    return _start_configured(cfg, num_cpus, temp_dir)
+
+
+def _start_configured(cfg: DictConfig, num_cpus: int | None, temp_dir: str | None) -> ClusterHandle:
+    """:func:`start_local` with the config's object store bound and ``ray.local_loopback``."""
+    store_gb, loopback = float(cfg.ray.object_store_memory_gb), bool(cfg.ray.get("local_loopback", True))
+    return start_local(num_cpus, None, store_gb, temp_dir, loopback_only=loopback)
 
 
 def cluster_resources() -> dict[str, float]:
