@@ -93,6 +93,8 @@ def start_local(
     """
     if loopback_only:
         _bind_loopback()
+    else:
+        _unbind_loopback()
     import ray
 
     if float(object_store_memory_gb) <= 0:
@@ -120,6 +122,8 @@ def start_local(
 
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_UNSET = object()
+_env_before_binding: object = _UNSET  # LOOPBACK_ENV as it was before _bind_loopback changed it
 
 
 def _bind_loopback() -> None:
@@ -134,6 +138,9 @@ def _bind_loopback() -> None:
     process and its children), and the constant too when Ray is already imported. The same variable
     set to 0 before ``ray start --head`` keeps a hand-started head on loopback (docs/cluster.md).
     """
+    global _env_before_binding
+    if _env_before_binding is _UNSET:
+        _env_before_binding = os.environ.get(LOOPBACK_ENV)
     if os.environ.get(LOOPBACK_ENV, "0") != "0":
         logger.warning(
             "%s=%s in the environment is overridden: ray.local_loopback is true, so the local Ray "
@@ -144,6 +151,24 @@ def _bind_loopback() -> None:
     import ray._private.ray_constants as ray_constants  # Ray 2.60, see the docstring
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _unbind_loopback() -> None:
+    """Undo :func:`_bind_loopback` (``ray.local_loopback=false`` after a loopback start in this process):
+    the variable as it was before, and Ray's own reading of it (``ray_constants``: on Linux, multi-node
+    mode unless the variable says 0)."""
+    global _env_before_binding
+    if _env_before_binding is _UNSET:
+        return
+    if _env_before_binding is None:
+        os.environ.pop(LOOPBACK_ENV, None)
+    else:
+        os.environ[LOOPBACK_ENV] = str(_env_before_binding)
+    _env_before_binding = _UNSET
+    import ray._private.ray_constants as ray_constants  # Ray 2.60, see _bind_loopback
+
+    default = not ray_constants.IS_WINDOWS_OR_OSX
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(LOOPBACK_ENV, default)
 
 
 def _join(address: str) -> ClusterHandle:
