@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_session import proc_table, small_local_ray
+from ray_session import descendants, proc_table, small_local_ray
 from synthetic_batches import TINY_SSL_48
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -108,11 +108,7 @@ def _assert_no_corrupt_checkpoints(out: Path, storage: Path) -> None:
 def _train_workers() -> list[int]:
     """pids of the Ray Train worker processes of this test's cluster (descendants of this process)."""
     table = proc_table()
-    mine, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - mine
-        mine |= frontier
-    return sorted(pid for pid in mine if "RayTrainWorker" in table[pid][1])
+    return sorted(pid for pid in descendants(os.getpid()) if "RayTrainWorker" in table.get(pid, (0, ""))[1])
 
 
 @pytest.fixture(scope="module")

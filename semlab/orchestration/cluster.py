@@ -103,7 +103,6 @@ def start_local(
         "address": "local",
         "include_dashboard": include_dashboard,
         "dashboard_host": "127.0.0.1",
-        "_node_ip_address": "127.0.0.1",
         "object_store_memory": int(float(object_store_memory_gb) * 1024**3),
         "namespace": "semlab",
     }
@@ -113,8 +112,8 @@ def start_local(
         kwargs["num_gpus"] = int(num_gpus)
     if temp_dir:
         kwargs["_temp_dir"] = str(temp_dir)
-    if not loopback_only:
-        kwargs.pop("_node_ip_address")
+    if loopback_only:
+        kwargs["_node_ip_address"] = "127.0.0.1"
     ctx = ray.init(**kwargs)
     address = getattr(ctx, "address_info", {}).get("gcs_address", "local")
     logger.info("started a local Ray cluster (%s CPUs) at %s", num_cpus or "all", address)
